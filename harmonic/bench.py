@@ -328,21 +328,21 @@ def dense_loss_section(config: BenchConfig) -> dict[str, Any]:
     Returns ``{"title", "rows" (one per scale and method: times, ratios, memory), "summary" (one per
     scale: the fused/stock and fused/sigmoid ratios against the targets), "notes", "settings"}``.
     """
-    from harmonic.fused import default_backend
+    from harmonic.fused import active_backend
 
     device = torch.device(config.device)
     size = DENSE_QUICK if config.quick else DENSE_FULL
     rows_out: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     notes: list[str] = []
-    default = default_backend()
+    default = active_backend(None, device)
     peak_method = ""
     for scale in config.scales:
         anchors = max(2, round(size["anchors"] * scale))
         positives = max(1, round(size["positives"] * scale))
         classes = size["classes"]
         inputs = _dense_inputs(anchors, classes, positives, device, config.seed)
-        backends = ["eager"]
+        backends = ["native", "eager"] if active_backend("native", device) == "native" else ["eager"]
         compile_seconds = None
         if config.compile:
             works, compile_seconds, failure = _compile_backend(inputs)
@@ -379,7 +379,7 @@ def dense_loss_section(config: BenchConfig) -> dict[str, Any]:
                 moved = 4 * inputs["logits"].numel() * inputs["logits"].element_size()
                 row["effective_gb_per_s"] = moved / (stats[name]["median_ms"] * 1e-3) / 1e9
             rows_out.append(row)
-        fused_name = f"fused_{default}" if f"fused_{default}" in stats else "fused_eager"
+        fused_name = f"fused_{default}"
         fused_ms = stats[fused_name]["median_ms"]
         entry = {
             "scale": scale,
@@ -408,7 +408,11 @@ def dense_loss_section(config: BenchConfig) -> dict[str, Any]:
         "fused_<backend> = harmonic.fused.focal_loss_per_anchor(..., backend).sum() + the same GIoU; "
         "sigmoid = one torch.sigmoid pass over the logits (forward only)"
     )
-    notes.append(f"default fused backend: {default} (summary ratios use it)")
+    notes.append(f"default fused backend on {device.type}: {default} (summary ratios use it)")
+    if "native" not in default and device.type == "cpu":
+        from harmonic import native
+
+        notes.append(f"native backend unavailable, not timed: {native.failure()}")
     if device.type == "cuda":
         peak_bw, how = _peak_bandwidth(device)
         if peak_bw is not None:

@@ -52,6 +52,7 @@ from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
 from harmonic.comparison import iou_balanced_weights, quality_focal_loss, soft_targets, varifocal_loss
+from harmonic.fused import class_range, positive_rows
 from harmonic.losses import (
     aligned_box_iou,
     class_entropy,
@@ -150,11 +151,13 @@ def _check_logits_and_classes(cls_logits: object, gt_classes: object, *, low: in
         raise ValueError(
             f"gt_classes has {gt_classes.shape[0]} entries but cls_logits has {cls_logits.shape[0]} rows"
         )
-    if gt_classes.numel() and bool(((gt_classes < low) | (gt_classes >= cls_logits.shape[1])).any()):
-        raise ValueError(
-            f"gt_classes values must lie in [{low}, {cls_logits.shape[1] - 1}] (K = {cls_logits.shape[1]} columns), "
-            f"got min {int(gt_classes.min())} and max {int(gt_classes.max())}"
-        )
+    if gt_classes.numel():
+        smallest, largest = class_range(gt_classes)
+        if smallest < low or largest >= cls_logits.shape[1]:
+            raise ValueError(
+                f"gt_classes values must lie in [{low}, {cls_logits.shape[1] - 1}] (K = {cls_logits.shape[1]} columns), "
+                f"got min {smallest} and max {largest}"
+            )
     return cls_logits, gt_classes
 
 
@@ -169,7 +172,7 @@ def focal_loss_per_anchor_reference(
     """
     _check_logits_and_classes(logits, gt_classes, low=-1)
     one_hot = torch.zeros_like(logits)
-    positive = torch.where(gt_classes >= 0)[0]
+    positive = positive_rows(gt_classes)
     one_hot[positive, gt_classes[positive]] = 1.0
     return sigmoid_focal_loss(logits, one_hot, alpha=alpha, gamma=gamma, reduction="none").sum(1)
 
@@ -331,15 +334,14 @@ def dense_harmonic_loss(
     """
     HarmonicOptions(hiou, hiou_weight, hiou_gamma, tc_weight, tc_margin, tc_form, detach_factors, beta_c_source, fused)
     _check_logits_and_classes(cls_logits, gt_classes, low=-1)
-    positive = torch.where(gt_classes >= 0)[0]
+    positive = positive_rows(gt_classes)
     _check_positive_pieces(positive.numel(), box_loss, pred_boxes, target_boxes)
     normalizer = _as_normalizer(num_foreground, cls_logits.shape[0], cls_logits.device)
 
     logits = _upcast(cls_logits)
     focal = select_focal_loss(fused, logits.device)(logits, gt_classes, focal_alpha, focal_gamma)
     loc = localization_loss(box_loss, pred_boxes, target_boxes, hiou=hiou, hiou_weight=hiou_weight, hiou_gamma=hiou_gamma)
-    pos_logits = logits[positive]
-    gt_logit = pos_logits.gather(1, gt_classes[positive][:, None]).squeeze(1)
+    gt_logit = logits[positive, gt_classes[positive]] if (beta_c_source != "loss" or tc_weight > 0) else None
     if beta_c_source == "loss":
         factor_cls = focal[positive]  # CE_i := focal loss summed over classes [R]
     else:
@@ -349,7 +351,7 @@ def dense_harmonic_loss(
         tc = task_contrasting_loss(
             torch.sigmoid(gt_logit),
             aligned_box_iou(pred_boxes, target_boxes),
-            class_entropy(pos_logits, kind="sigmoid"),
+            class_entropy(logits[positive], kind="sigmoid"),
             margin=tc_margin,
             form=tc_form,
         )
@@ -516,7 +518,7 @@ def dense_comparison_loss(
     """
     options = ComparisonOptions(kind, qfl_beta, vfl_alpha, vfl_gamma, iou_eta, iou_lambda, fused)
     _check_logits_and_classes(cls_logits, gt_classes, low=-1)
-    positive = torch.where(gt_classes >= 0)[0]
+    positive = positive_rows(gt_classes)
     _check_positive_pieces(positive.numel(), box_loss, pred_boxes, target_boxes)
     if isinstance(num_foreground, Tensor) and num_foreground.dim() > 0:
         raise ValueError(

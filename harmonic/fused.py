@@ -24,14 +24,22 @@ up to the weight): it is computed on the gathered ``[P]`` target logits and writ
 derivative, and the P positive rows' sums are redone with the target entry excluded (set to ``-inf``,
 where ``l-`` is exactly 0), so a large negative-form entry is never subtracted from a row sum.
 
-Two backends compute the dense pass (:data:`BACKENDS`):
+Three backends compute the dense pass (:data:`BACKENDS`; "auto", the default, picks "native" for CPU
+tensors where it builds and "eager" otherwise):
 
-* ``"eager"`` (default): chunks of rows, 8 in-place operations per chunk on buffers allocated once
+* ``"native"`` (CPU): one pass in C, ``harmonic/csrc/focal_loss.c``, built on first use with the
+  machine's C compiler and loaded with ctypes (:mod:`harmonic.native`). It evaluates every entry, the
+  positives' target entries included, in one vectorized loop: ``e^-|x|`` by range reduction and a
+  polynomial, ``softplus(x) = relu(x) + 2 atanh(u / (2 + u))`` with ``u = e^-|x|`` (a series that
+  needs no logarithm and has no cancellation), ``p`` and ``1 - p`` from one division. Float32 inside;
+  float16 / bfloat16 logits are upcast first, float64 logits go to "eager". Where no compiler works it
+  is unavailable: "auto" then uses "eager" and says so once (a ``RuntimeWarning``).
+* ``"eager"``: chunks of rows, 8 in-place torch operations per chunk on buffers allocated once
   (``softplus``, ``sigmoid``, multiply-adds, a row sum). A chunk has fewer entries than torch's parallel
   grain size, so no operation starts a parallel region: on a shared machine, thousands of short parallel
   regions stall whenever another process holds a core. ``torch.exp`` and ``torch.log`` are avoided here
   because they start a parallel region from 2,048 entries on; ``softplus`` is torch's own (``log1p``
-  based), accurate for every logit.
+  based), accurate for every logit. CUDA tensors take this backend, on the whole tensor at once.
 * ``"compile"``: the same formulas as one ``torch.compile`` kernel per chunk of about 2 million entries,
   ``softplus(x) = relu(x) + log1p(exp(-|x|))`` with ``log1p(u) = log(w) - ((w - 1) - u)``, ``w = 1 + u``
   (the bracket is the rounding error of ``w``, exact in floating point, so this is accurate to about an
@@ -57,9 +65,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from harmonic import native
+
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV",
+    "active_backend",
+    "class_range",
+    "positive_rows",
     "CHUNK_ELEMENTS",
     "COMPILE_CHUNK_ELEMENTS",
     "default_backend",
@@ -67,10 +80,11 @@ __all__ = [
     "is_faster",
 ]
 
-#: how the dense pass runs: "eager" (chunked in-place torch operations, always available) or "compile"
-#: (a ``torch.compile`` kernel; falls back to "eager" with a warning where compiling fails)
-BACKENDS = ("eager", "compile")
-#: environment variable that sets the default backend of a whole run (unset: "eager")
+#: how the dense pass runs: "auto" ("native" for CPU tensors where it builds, else "eager"), "native" (the C
+#: kernel, CPU), "eager" (chunked in-place torch operations, always available) or "compile" (a
+#: ``torch.compile`` kernel). "native" and "compile" fall back to "eager" with a warning where they fail.
+BACKENDS = ("auto", "native", "eager", "compile")
+#: environment variable that sets the default backend of a whole run (unset: "auto")
 BACKEND_ENV = "HARMONIC_FUSED_BACKEND"
 
 #: eager backend on CPU: entries of the [A, K] logits per chunk (rows = CHUNK_ELEMENTS // K): just
@@ -86,29 +100,33 @@ COMPILE_CHUNK_ELEMENTS = 1 << 21
 # ----------------------------------------------------------------------------------------------------
 # argument checks
 # ----------------------------------------------------------------------------------------------------
-def _class_range_and_positive_rows(gt_classes: Tensor) -> tuple[int, int, Tensor]:
-    """``(min, max, rows)`` of ``gt_classes``, ``rows`` the indices of the positives (``>= 0``), sorted.
+def class_range(gt_classes: Tensor) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty int64 tensor.
 
-    On CPU through NumPy on the same memory [D]: torch's reductions and ``nonzero`` on ``[A]`` start a
-    parallel region each (A is above torch's grain size), which stalls on a shared machine; NumPy's run
-    on the calling thread and take microseconds here.
+    On CPU through NumPy on the same memory [D]: torch's reductions on ``[A]`` start a parallel region
+    each (A is above torch's grain size), which stalls on a shared machine; NumPy's run on the calling
+    thread and take microseconds here.
     """
-    if gt_classes.numel() == 0:
-        return -1, -1, gt_classes.new_zeros(0)
+    if gt_classes.device.type == "cpu":
+        values = gt_classes.detach().numpy()
+        return int(values.min()), int(values.max())
+    low, high = torch.aminmax(gt_classes)
+    return int(low), int(high)
+
+
+def positive_rows(gt_classes: Tensor) -> Tensor:
+    """Indices of the positive anchors (``gt_classes >= 0``), ascending, on ``gt_classes``' device
+    (through NumPy on CPU, see :func:`class_range`)."""
     if gt_classes.device.type == "cpu":
         import numpy as np
 
-        values = gt_classes.numpy()
-        rows = torch.from_numpy(np.flatnonzero(values >= 0).astype(np.int64, copy=False))
-        return int(values.min()), int(values.max()), rows
-    low, high = torch.aminmax(gt_classes)
-    return int(low), int(high), torch.nonzero(gt_classes >= 0).squeeze(1)
+        values = gt_classes.detach().numpy()
+        return torch.from_numpy(np.flatnonzero(values >= 0).astype(np.int64, copy=False))
+    return torch.nonzero(gt_classes >= 0).squeeze(1)
 
 
-def _check_inputs(
-    logits: object, gt_classes: object, alpha: object, gamma: object
-) -> tuple[float, float, Tensor]:
-    """Validate every argument; returns ``(alpha, gamma, rows of the positives)``."""
+def _check_inputs(logits: object, gt_classes: object, alpha: object, gamma: object) -> tuple[float, float]:
+    """Validate every argument; returns ``(alpha, gamma)`` as floats."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() != 2:
         got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, Tensor) else repr(type(logits))
         raise ValueError(f"logits must be a floating-point tensor of shape [A, K], got {got}")
@@ -120,7 +138,7 @@ def _check_inputs(
     if gt_classes.device != logits.device:
         raise ValueError(f"gt_classes is on {gt_classes.device} but logits is on {logits.device}")
     num_classes = logits.shape[1]
-    low, high, rows = _class_range_and_positive_rows(gt_classes)
+    low, high = class_range(gt_classes) if gt_classes.numel() else (-1, -1)
     if low < -1 or high >= num_classes:
         raise ValueError(
             f"gt_classes values must be -1 (negative) or a class index in [0, {num_classes - 1}] "
@@ -133,7 +151,7 @@ def _check_inputs(
         raise ValueError(f"alpha must be <= 1 (a negative alpha switches the class weighting off), got {alpha}")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    return float(alpha), float(gamma), rows
+    return float(alpha), float(gamma)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -326,26 +344,95 @@ def _compiled_dense_pass(
 
 
 # ----------------------------------------------------------------------------------------------------
+# native backend
+# ----------------------------------------------------------------------------------------------------
+#: whether the native backend's unavailability was already warned about in this process
+_NATIVE_WARNED: list[str] = []
+
+
+def _native_applies(logits: Tensor) -> bool:
+    """The native kernel takes CPU logits of float32, float16 or bfloat16 (float64 stays exact in eager)."""
+    return logits.device.type == "cpu" and logits.dtype != torch.float64
+
+
+def _native_pass(
+    logits: Tensor, gt_classes: Tensor, alpha: float, gamma: float, need_grad: bool, library=None
+) -> tuple[Tensor, Tensor | None] | None:
+    """The whole per-anchor loss ``[A]`` (float32) and ``d loss_a / d x_ak`` (``[A, K]`` in the logits'
+    dtype, or None) from the C kernel (``library``, default :func:`harmonic.native.load`), target
+    entries included; None where the kernel is unavailable (warned once per process)."""
+    library = native.load() if library is None else library
+    if library is None:
+        if not _NATIVE_WARNED:
+            _NATIVE_WARNED.append(native.failure() or "unknown reason")
+            warnings.warn(
+                f"harmonic.fused: the native CPU kernel is unavailable ({native.failure()}); using the eager "
+                f"backend, which computes the same values more slowly (set {BACKEND_ENV}=eager to choose it "
+                "and silence this)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return None
+    weight_pos, weight_neg = _class_weights(alpha)
+    x = logits.to(torch.float32).contiguous()
+    classes = gt_classes.contiguous()
+    rows, num_classes = x.shape
+    loss = torch.empty(rows, dtype=torch.float32)
+    grad = torch.empty_like(x) if need_grad else None
+    status = library.harmonic_focal_f32(
+        x.data_ptr(),
+        classes.data_ptr(),
+        grad.data_ptr() if grad is not None else None,
+        loss.data_ptr(),
+        rows,
+        num_classes,
+        weight_pos,
+        weight_neg,
+        gamma,
+    )
+    if status != 0:
+        raise MemoryError(f"harmonic.fused: the native kernel could not allocate its scratch memory (status {status})")
+    if grad is not None and grad.dtype != logits.dtype:
+        grad = grad.to(logits.dtype)
+    return loss, grad
+
+
+def active_backend(backend: str | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """The backend that actually computes logits of ``device`` and ``dtype`` when ``backend`` is asked
+    for (None: :func:`default_backend`): "auto" and "native" resolve to "native" or "eager"."""
+    backend = default_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend in ("auto", "native"):
+        applies = torch.device(device).type == "cpu" and dtype != torch.float64
+        return "native" if applies and native.load() is not None else "eager"
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------------
 # the loss
 # ----------------------------------------------------------------------------------------------------
 def _focal_forward(
     logits: Tensor,
     gt_classes: Tensor,
-    rows: Tensor,
     alpha: float,
     gamma: float,
     chunk_rows: int,
     need_grad: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor | None]:
-    """The per-anchor focal loss ``[A]`` (compute dtype) and ``d loss_a / d x_ak`` ``[A, K]`` (or None);
-    ``rows`` are the indices of the positive anchors."""
+    """The per-anchor focal loss ``[A]`` (compute dtype) and ``d loss_a / d x_ak`` ``[A, K]`` (or None)."""
     logits = logits.contiguous()
+    if backend in ("auto", "native") and _native_applies(logits):
+        result = _native_pass(logits, gt_classes, alpha, gamma, need_grad)
+        if result is not None:
+            return result
     weight_pos, weight_neg = _class_weights(alpha)
     dense = None
     if backend == "compile" and logits.shape[0] > 1 and logits.shape[1] > 0:
         dense = _compiled_dense_pass(logits, weight_neg, gamma, need_grad)
     loss, grad = dense if dense is not None else _dense_pass(logits, weight_neg, gamma, chunk_rows, need_grad)
+    rows = positive_rows(gt_classes)
     if rows.numel() == 0:
         return loss, grad
     classes = gt_classes[rows]
@@ -372,14 +459,13 @@ class _FocalLossPerAnchor(torch.autograd.Function):
         ctx,
         logits: Tensor,
         gt_classes: Tensor,
-        rows: Tensor,
         alpha: float,
         gamma: float,
         chunk_rows: int,
         backend: str,
     ) -> Tensor:
         with torch.autocast(logits.device.type, enabled=False):
-            loss, grad = _focal_forward(logits, gt_classes, rows, alpha, gamma, chunk_rows, True, backend)
+            loss, grad = _focal_forward(logits, gt_classes, alpha, gamma, chunk_rows, True, backend)
         ctx.save_for_backward(grad)
         return loss
 
@@ -393,8 +479,8 @@ class _FocalLossPerAnchor(torch.autograd.Function):
         # multiplied in place: no new [A, K] allocation. Otherwise a fresh tensor, so that the graph
         # can run backward again.
         if _graph_is_kept():
-            return torch.mul(grad, grad_output[:, None], out=torch.empty_like(grad)), *([None] * 6)
-        return grad.mul_(grad_output[:, None]), *([None] * 6)
+            return torch.mul(grad, grad_output[:, None], out=torch.empty_like(grad)), *([None] * 5)
+        return grad.mul_(grad_output[:, None]), *([None] * 5)
 
 
 def _graph_is_kept() -> bool:
@@ -404,13 +490,13 @@ def _graph_is_kept() -> bool:
 
 
 def default_backend() -> str:
-    """The backend used when none is given: ``$HARMONIC_FUSED_BACKEND`` if set, else ``"eager"``.
+    """The backend used when none is given: ``$HARMONIC_FUSED_BACKEND`` if set, else ``"auto"``.
 
-    "eager" is the default because it needs no compiler and no warm-up: a test suite or a short run pays
-    nothing. "compile" is faster once compiled (``python -m harmonic.bench`` measures both); its first
-    call in a process compiles for seconds.
+    "auto" takes the native kernel for CPU tensors (built once per machine in well under a second, then
+    cached) and the eager torch operations elsewhere; ``python -m harmonic.bench`` times every backend
+    side by side. "compile" compiles for seconds on its first call in a process.
     """
-    value = os.environ.get(BACKEND_ENV, "eager").strip() or "eager"
+    value = os.environ.get(BACKEND_ENV, "auto").strip() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"environment variable {BACKEND_ENV} must be one of {BACKENDS}, got {value!r}")
     return value
@@ -436,7 +522,8 @@ def focal_loss_per_anchor(
         gt_classes: ``[A]`` int64, the class index 0..K-1 of a positive anchor, -1 of a negative one.
         alpha: weight of the target entry (``1 - alpha`` for the others); ``alpha < 0``: no weighting.
         gamma: focusing exponent, ``>= 0``.
-        backend: "eager", "compile" or None (:func:`default_backend`).
+        backend: "auto", "native", "eager", "compile" or None (:func:`default_backend`); see the module
+            docstring. :func:`active_backend` says which one computes a given device and dtype.
         chunk_elements: eager backend, logits entries per chunk (CPU default :data:`CHUNK_ELEMENTS`;
             CUDA: the whole tensor at once).
 
@@ -445,7 +532,7 @@ def focal_loss_per_anchor(
         The gradient reaching ``logits`` has the logits' dtype; autograd keeps one ``[A, K]`` tensor of
         that dtype for backward.
     """
-    alpha, gamma, rows = _check_inputs(logits, gt_classes, alpha, gamma)
+    alpha, gamma = _check_inputs(logits, gt_classes, alpha, gamma)
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
@@ -455,9 +542,9 @@ def focal_loss_per_anchor(
         raise ValueError(f"chunk_elements must be a positive int or None, got {chunk_elements!r}")
     chunk_rows = _chunk_rows(logits, chunk_elements)
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _FocalLossPerAnchor.apply(logits, gt_classes, rows, alpha, gamma, chunk_rows, backend)
+        return _FocalLossPerAnchor.apply(logits, gt_classes, alpha, gamma, chunk_rows, backend)
     with torch.autocast(logits.device.type, enabled=False):
-        loss, _ = _focal_forward(logits.detach(), gt_classes, rows, alpha, gamma, chunk_rows, False, backend)
+        loss, _ = _focal_forward(logits.detach(), gt_classes, alpha, gamma, chunk_rows, False, backend)
     return loss
 
 

@@ -13,9 +13,19 @@ import warnings
 import pytest
 import torch
 
-from harmonic import bench, fused
+from harmonic import bench, fused, native
 from harmonic.dense import dense_harmonic_loss, focal_loss_per_anchor_reference, select_focal_loss
 from harmonic.fused import focal_loss_per_anchor
+
+
+@pytest.fixture(autouse=True, params=["native", "eager"])
+def backend(request, monkeypatch):
+    """Every test of this module runs with the native C kernel and with the eager torch pass as the
+    default backend ("auto" resolves to native on CPU; CUDA tensors take eager either way)."""
+    if request.param == "native" and native.load() is None:
+        pytest.skip(f"native kernel unavailable here: {native.failure()}")
+    monkeypatch.setenv(fused.BACKEND_ENV, request.param)
+    return request.param
 
 
 def _inputs(anchors=300, classes=7, positives=40, *, seed=0, scale=3.0, shift=-2.0, device="cpu", dtype=torch.float32):
@@ -280,7 +290,11 @@ def test_bad_arguments_are_named(logits, gt_classes, kwargs, message):
 
 def test_backend_environment_variable(monkeypatch):
     monkeypatch.delenv(fused.BACKEND_ENV, raising=False)
-    assert fused.default_backend() == "eager"
+    assert fused.default_backend() == "auto"
+    assert fused.active_backend(None, "cpu", torch.float32) == ("native" if native.load() is not None else "eager")
+    assert fused.active_backend(None, "cpu", torch.float64) == "eager"
+    assert fused.active_backend(None, "cuda", torch.float32) == "eager"
+    assert fused.active_backend("eager", "cpu") == "eager"
     monkeypatch.setenv(fused.BACKEND_ENV, "compile")
     assert fused.default_backend() == "compile"
     monkeypatch.setenv(fused.BACKEND_ENV, "fastest")
