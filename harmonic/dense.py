@@ -263,6 +263,7 @@ def _as_normalizer(num_foreground: object, num_anchors: int, device: torch.devic
 def _compose(
     cls_loss: Tensor,
     positive: Tensor,
+    cls_pos: Tensor,
     factor_cls_loss: Tensor,
     loc_loss: Tensor,
     normalizer: Tensor | float,
@@ -272,14 +273,15 @@ def _compose(
     """Shared core: the two harmonic terms, normalized, and detached factor statistics.
 
     ``cls_loss`` [A]: every sample's plain classification loss; ``positive`` [P]: indices of positives in
-    ``cls_loss``; ``factor_cls_loss`` [P]: the CE that defines beta_c; ``loc_loss`` [P]: L_loc.
+    ``cls_loss``; ``cls_pos`` [P]: ``cls_loss[positive]``; ``factor_cls_loss`` [P]: the CE that defines
+    beta_c; ``loc_loss`` [P]: L_loc. The classification term is written as every sample's loss plus
+    ``beta_r * CE_i`` of the positives, which equals the negatives' loss plus ``(1 + beta_r) * CE_i``
+    without building the [A] tensor of weighted terms.
     """
-    cls_pos = cls_loss[positive]
     cls_factor, reg_factor = harmonic_factors(factor_cls_loss, loc_loss, detach_factors=detach_factors)
-    cls_terms = cls_loss.index_put((positive,), cls_factor * cls_pos)
     pos_normalizer = normalizer[positive] if isinstance(normalizer, Tensor) else normalizer
     out = {
-        "classification": _normalize(cls_terms, normalizer),
+        "classification": _normalize(cls_loss, normalizer) + _normalize((cls_factor - 1.0) * cls_pos, pos_normalizer),
         "bbox_regression": _normalize(reg_factor * loc_loss, pos_normalizer),
         "num_positives": torch.tensor(float(positive.numel()), device=cls_loss.device),
     }
@@ -342,11 +344,12 @@ def dense_harmonic_loss(
     focal = select_focal_loss(fused, logits.device)(logits, gt_classes, focal_alpha, focal_gamma)
     loc = localization_loss(box_loss, pred_boxes, target_boxes, hiou=hiou, hiou_weight=hiou_weight, hiou_gamma=hiou_gamma)
     gt_logit = logits[positive, gt_classes[positive]] if (beta_c_source != "loss" or tc_weight > 0) else None
+    focal_pos = focal[positive]
     if beta_c_source == "loss":
-        factor_cls = focal[positive]  # CE_i := focal loss summed over classes [R]
+        factor_cls = focal_pos  # CE_i := focal loss summed over classes [R]
     else:
         factor_cls = F.softplus(-gt_logit)  # -log sigmoid(x_gt), so beta_c = sigmoid(x_gt) [D]
-    out = _compose(focal, positive, factor_cls, loc, normalizer, detach_factors=detach_factors)
+    out = _compose(focal, positive, focal_pos, factor_cls, loc, normalizer, detach_factors=detach_factors)
     if tc_weight > 0:
         tc = task_contrasting_loss(
             torch.sigmoid(gt_logit),
@@ -405,7 +408,7 @@ def softmax_harmonic_loss(
     ce = F.cross_entropy(logits, labels, reduction="none")
     loc = localization_loss(box_loss, pred_boxes, target_boxes, hiou=hiou, hiou_weight=hiou_weight, hiou_gamma=hiou_gamma)
     ce_pos = ce[positive]
-    out = _compose(ce, positive, ce_pos, loc, norm, detach_factors=detach_factors)
+    out = _compose(ce, positive, ce_pos, ce_pos, loc, norm, detach_factors=detach_factors)
     if tc_weight > 0:
         tc = task_contrasting_loss(
             torch.exp(-ce_pos),  # p_i of the ground-truth class

@@ -245,9 +245,14 @@ def aligned_box_iou(pred_boxes: Tensor, target_boxes: Tensor, *, eps: float = 1e
         p = pred_boxes.to(compute_dtype)
         t = target_boxes.to(compute_dtype)
         with torch.no_grad():
-            magnitude = torch.maximum(p.abs().amax(dim=1), t.abs().amax(dim=1))
-            scale = torch.where(magnitude > _RESCALE_ABOVE, magnitude, torch.ones_like(magnitude))[:, None]
-        p, t = p / scale, t / scale  # exact division by 1 for every ordinary box
+            magnitude = torch.cat((p, t), dim=1).abs().amax(dim=1, keepdim=True)
+            huge = magnitude > _RESCALE_ABOVE
+            # on CPU, the (usual) batch without a huge pair skips the division; elsewhere it stays
+            # branch-free (no device synchronization). Division by 1 is exact: same values either way.
+            rescale = p.device.type != "cpu" or bool(huge.any())
+            scale = torch.where(huge, magnitude, torch.ones_like(magnitude)) if rescale else None
+        if scale is not None:
+            p, t = p / scale, t / scale
         p_lo, p_hi = torch.minimum(p[:, :2], p[:, 2:]), torch.maximum(p[:, :2], p[:, 2:])
         t_lo, t_hi = torch.minimum(t[:, :2], t[:, 2:]), torch.maximum(t[:, :2], t[:, 2:])
         p_wh = p_hi - p_lo

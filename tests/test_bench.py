@@ -127,8 +127,8 @@ def test_readme_block_shows_the_measured_ratios(tmp_path):
         "provenance": {"device": {"device": "cpu"}},
         "sections": {
             "dense_loss": {"machine": {"torch_threads": 1}, "summary": [
-                {"scale": 1.0, "anchors": 100000, "fused_over_stock": 0.1862, "fused_over_sigmoid": 8.139,
-                 "reference_over_stock": 0.795}]},
+                {"scale": 1.0, "anchors": 100000, "fused_backend": "native", "harmonic_fused_over_stock": 0.1862,
+                 "harmonic_fused_over_sigmoid": 8.139, "harmonic_reference_over_stock": 0.795}]},
             "train_step": {"machine": {"torch_threads": 1}, "summary": [
                 {"setting": "shapes_cpu", "harmonic_fused_over_baseline": 1.0123,
                  "harmonic_reference_over_baseline": 1.05, "peak_harmonic_fused_over_baseline": 0.999}]},
@@ -139,7 +139,7 @@ def test_readme_block_shows_the_measured_ratios(tmp_path):
     replace_bench_block(readme, readme_markdown(result, tmp_path / "bench.json"))
     text = readme.read_text()
     assert "old" not in text and text.startswith("top\n") and text.endswith("bottom\n")
-    assert "| 1 | 100000 | 0.19 | 8.14 | 0.80 |" in text
+    assert "| 1 | 100000 | 0.19 | 8.14 | 0.80 |" in text and "(native backend)" in text
     assert "| shapes_cpu | 1.012 | 1.050 | 0.999 |" in text
     (tmp_path / "plain.md").write_text("no block")
     with pytest.raises(SystemExit, match="bench:begin"):
