@@ -15,12 +15,14 @@
  * Accuracy: e^-|x| by range reduction and a degree-6 polynomial, log1p(u) = 2 atanh(u / (2 + u)) by a
  * degree-4 polynomial in (u / (2 + u))^2 <= 1/9 (both below float32 precision), and 1 - p computed
  * directly rather than by cancellation: every value and derivative is within a few float32 ulp of the
- * float64 truth for every finite logit (tested from -100 to 100). No -ffast-math: the formulas rely on
- * the order of operations as written.
+ * float64 truth for every finite logit (tested from -100 to 100), values below about 1e-38 flushed to 0.
+ * A non-integer gamma takes p^gamma = exp(gamma log p), whose relative error grows to |gamma log p| ulp.
+ * No -ffast-math: the formulas rely on the order of operations as written.
  *
  * Layout: the logits are walked as one flat array in blocks of whole rows, every entry evaluated as a
- * target-0 entry in a loop the compiler vectorizes whatever the number of classes; the few target
- * entries of the block are then redone in scalar code and the block's row sums taken.
+ * target-0 entry in one vector loop whatever the number of classes (AVX-512 intrinsics where the
+ * compiler targets AVX-512, the compiler's own vectorization of the scalar formula elsewhere); the few
+ * target entries of the block are then redone in scalar code and the block's row sums taken.
  */
 #include <stdint.h>
 #include <stdlib.h>
