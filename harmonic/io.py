@@ -114,6 +114,12 @@ def device_description(device: str | None = None) -> dict[str, Any]:
     if torch.cuda.is_available():
         info["cuda_device_name"] = torch.cuda.get_device_name(0)
         info["cuda_device_count"] = torch.cuda.device_count()
+    try:  # which implementation computes the dense focal term (harmonic.fused) on this device
+        from harmonic.fused import active_backend
+
+        info["fused_focal_backend"] = active_backend(None, info["device"].split(":")[0])
+    except (ImportError, ValueError, RuntimeError) as err:
+        info["fused_focal_backend"] = f"unknown ({type(err).__name__}: {err})"
     return info
 
 

@@ -445,6 +445,7 @@ def test_write_metrics_writes_metrics_with_provenance(tmp_path):
     assert written["consistency"]["n_matched"] == 3
     assert written["provenance"]["parameters"] == {"variant": "harmonic"} and written["provenance"]["seed"] == 3
     assert written["provenance"]["device"]["device"] == "cpu"
+    assert written["provenance"]["device"]["fused_focal_backend"] in ("native", "eager")
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left
 
 
