@@ -168,17 +168,22 @@ def _self_test(library: ctypes.CDLL) -> str | None:
         )
         if status != 0:
             return f"self-test call returned {status}"
-        with torch.enable_grad(), torch.autocast("cpu", enabled=False):  # callable from a no-grad forward
-            x = logits.double().requires_grad_()
-            target = torch.zeros_like(x)
-            positive = gt_classes >= 0
-            target[positive.nonzero().squeeze(1), gt_classes[positive]] = 1.0
-            z = torch.where(target > 0, -x, x)
-            weight = torch.where(target > 0, w_pos, w_neg)
-            truth = (weight * torch.sigmoid(z) ** gamma * torch.nn.functional.softplus(z)).sum(1)
-            (truth_grad,) = torch.autograd.grad(truth.sum(), x)
+        # the closed form in float64 with torch's own sigmoid and softplus (no autograd: this may run
+        # inside no_grad or inference_mode)
+        x = logits.double()
+        is_target = torch.zeros(x.shape, dtype=torch.bool)
+        positive = gt_classes >= 0
+        is_target[positive.nonzero().squeeze(1), gt_classes[positive]] = True
+        z = torch.where(is_target, -x, x)
+        weight = torch.where(is_target, w_pos, w_neg).double()
+        p = torch.sigmoid(z)
+        soft = torch.nn.functional.softplus(z)
+        power = weight * p**gamma
+        truth = (power * soft).sum(1)
+        derivative = power * (gamma * (1 - p) * soft + p)
+        truth_grad = torch.where(is_target, -derivative, derivative)
         if not (
-            torch.allclose(loss.double(), truth.detach(), rtol=1e-5, atol=1e-30)
+            torch.allclose(loss.double(), truth, rtol=1e-5, atol=1e-30)
             and torch.allclose(grad.double(), truth_grad, rtol=1e-5, atol=1e-30)
         ):
             return f"self-test: the built kernel disagrees with float64 (gamma={gamma})"
@@ -237,7 +242,11 @@ def build(extra_flags: tuple[str, ...] = ()) -> tuple[Built | None, str | None]:
     if not compilers:
         return None, "no C compiler found (set CC, or install cc / gcc / clang)"
     user = os.getuid() if hasattr(os, "getuid") else "user"
-    folders = [cache_dir(), Path(tempfile.gettempdir()) / f"harmonic-{user}"]
+    folders = [Path(tempfile.gettempdir()) / f"harmonic-{user}"]
+    try:
+        folders.insert(0, cache_dir())
+    except (RuntimeError, KeyError):  # no home folder to put a cache in: the temporary folder only
+        pass
     complaints: list[str] = []
     for compiler in compilers:
         identity = _compiler_identity(compiler)

@@ -218,3 +218,14 @@ def test_an_unwritable_cache_folder_falls_back_to_a_temporary_one(fresh_native, 
     monkeypatch.setenv(native.CACHE_ENV, str(blocker / "cache"))
     assert native.load() is not None
     assert native.info()["available"]
+
+
+def test_first_build_inside_inference_mode_and_without_a_home_folder(fresh_native, monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native, "cache_dir", no_home)
+    with torch.inference_mode():  # the self-test needs no autograd
+        loss = focal_loss_per_anchor(torch.zeros(3, 4), torch.tensor([-1, 0, 3]))
+    assert native.failure() is None and native.info()["available"]
+    assert torch.allclose(loss, focal_loss_per_anchor(torch.zeros(3, 4), torch.tensor([-1, 0, 3]), backend="eager"))
