@@ -354,9 +354,9 @@ def _compiled_dense_pass(
 _NATIVE_WARNED: list[str] = []
 
 
-def _native_applies(logits: Tensor) -> bool:
+def _native_applies(device: torch.device | str, dtype: torch.dtype) -> bool:
     """The native kernel takes CPU logits of float32, float16 or bfloat16 (float64 stays exact in eager)."""
-    return logits.device.type == "cpu" and logits.dtype != torch.float64
+    return torch.device(device).type == "cpu" and dtype != torch.float64
 
 
 def _native_pass(
@@ -401,15 +401,16 @@ def _native_pass(
     return loss, grad
 
 
-def active_backend(backend: str | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+def active_backend(
+    backend: str | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> str:
     """The backend that actually computes logits of ``device`` and ``dtype`` when ``backend`` is asked
     for (None: :func:`default_backend`): "auto" and "native" resolve to "native" or "eager"."""
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend in ("auto", "native"):
-        applies = torch.device(device).type == "cpu" and dtype != torch.float64
-        return "native" if applies and native.load() is not None else "eager"
+        return "native" if _native_applies(device, dtype) and native.load() is not None else "eager"
     return backend
 
 
@@ -427,7 +428,7 @@ def _focal_forward(
 ) -> tuple[Tensor, Tensor | None]:
     """The per-anchor focal loss ``[A]`` (compute dtype) and ``d loss_a / d x_ak`` ``[A, K]`` (or None)."""
     logits = logits.contiguous()
-    if backend in ("auto", "native") and _native_applies(logits):
+    if backend in ("auto", "native") and _native_applies(logits.device, logits.dtype):
         result = _native_pass(logits, gt_classes, alpha, gamma, need_grad)
         if result is not None:
             return result
