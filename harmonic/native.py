@@ -275,5 +275,6 @@ def build(extra_flags: tuple[str, ...] = ()) -> tuple[Built | None, str | None]:
                 if problem is None:
                     return Built(library, path, compiler, flags), None
                 complaints.append(problem)
+                path.unlink(missing_ok=True)  # a refused library is not kept for the next process
                 break
     return None, "; ".join(complaints[-3:]) or "the kernel could not be built"

@@ -193,6 +193,7 @@ def test_a_wrong_kernel_is_refused_and_the_eager_pass_takes_over(fresh_native, t
     monkeypatch.setattr(native, "SOURCE", broken)
     assert native.load() is None
     assert "disagrees" in native.failure()
+    assert not list(fresh_native.glob("focal_loss-*"))  # refused libraries are not cached
     logits = torch.randn(50, 4, generator=torch.Generator().manual_seed(4))
     gt_classes = torch.randint(-1, 4, (50,), generator=torch.Generator().manual_seed(5))
     eager = focal_loss_per_anchor(logits, gt_classes, backend="eager")
