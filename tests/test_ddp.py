@@ -22,16 +22,17 @@ WORKER = textwrap.dedent(
     import hashlib, json, os, sys
 
     import harmonic.engine as engine
+    import harmonic.engine.training as training
 
     out_dir, run_dir = sys.argv[1], sys.argv[2]
     writes = []
-    real_save = engine.atomic_torch_save
+    real_save = training.atomic_torch_save
 
     def counting_save(path, obj):
         writes.append(os.path.basename(str(path)))
         return real_save(path, obj)
 
-    engine.atomic_torch_save = counting_save
+    training.atomic_torch_save = counting_save  # the training loop writes its checkpoints through it
     final = {}
 
     def on_iteration(state):

@@ -1,0 +1,81 @@
+"""Training and evaluation: resumable, deterministic, single-process or distributed (``torchrun``).
+
+The paper's training settings (learning rate, schedule, input size, GPUs) were not recovered: only its
+detectors and datasets are reported, by secondary sources [R]. The engine implements the usual recipe of
+torchvision's detection references instead: SGD with momentum and
+weight decay, a linear warmup, step decay, optional gradient clipping and mixed precision on CUDA.
+
+A run lives in one folder (``TrainConfig.output_dir``)::
+
+    config.json            the configuration, what was resolved from it, and provenance
+    log.jsonl              one JSON record per iteration (see :func:`train`)
+    checkpoints/last.pt    the latest checkpoint (every ``checkpoint_every`` iterations and at the end)
+    checkpoints/final.pt   the model after the last iteration (no optimizer state)
+    metrics.json, detections.json, figures/score_vs_iou.png   written by :func:`evaluate`
+
+Conventions, stated once:
+
+* Iterations are counted from 1: iteration ``k`` is the ``k``-th optimizer step; a checkpoint holds the
+  number of iterations done. Epochs are counted from 0.
+* ``batch_size`` is per process; the global batch is ``batch_size * world_size``. ``lr`` is used as
+  given (no automatic scaling with the number of processes).
+* ``lr_steps`` are iteration counts: after ``lr_steps[i]`` iterations the learning rate is multiplied by
+  ``lr_gamma`` (see :func:`lr_at`).
+* Data order and augmentation are pure functions of ``(seed, epoch, image index)``: each epoch's
+  permutation comes from a ``torch.Generator`` seeded with ``(seed, epoch)``, and each image's random
+  transforms run under a CPU generator seeded with ``(seed, epoch, index)``. A resumed run therefore skips
+  exactly the batches already used in the current epoch and sees the same augmentations as an
+  uninterrupted one, whatever ``num_workers`` is.
+
+Command line: ``python -m harmonic train --help``; evaluation: ``python -m harmonic evaluate --help``.
+
+The package, one module per concern (everything public is re-exported here, so
+``from harmonic.engine import train`` works as it always has):
+
+* :mod:`harmonic.engine.config`       ``TrainConfig``, ``PRESETS``, the schedule ``lr_at`` and the
+  validation helpers
+* :mod:`harmonic.engine.sampling`     deterministic data order: ``derive_seed``, ``EpochBatchSampler``,
+  ``iters_per_epoch``, ``SeededSamples``
+* :mod:`harmonic.engine.distributed`  the process context (torchrun's environment, the device, the
+  process group) and the collectives
+* :mod:`harmonic.engine.checkpoints`  the checkpoint format, RNG state, ``load_checkpoint``,
+  ``load_model``, ``read_log`` and the log helpers
+* :mod:`harmonic.engine.training`     ``train``, the optimizer step, ``IterationState``,
+  ``NonFiniteLossError``
+* :mod:`harmonic.engine.evaluation`   ``predict`` and ``evaluate``
+* :mod:`harmonic.engine.cli`          the ``train`` command: ``add_arguments``, ``config_from_args``, ``run``
+"""
+
+# Names imported ``as`` themselves are public but outside ``__all__``, as they were in the single module:
+# constants, and the ``train`` command (harmonic.cli calls harmonic.engine.add_arguments and .run).
+from harmonic.engine.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_model, read_log
+from harmonic.engine.checkpoints import CHECKPOINT_VERSION as CHECKPOINT_VERSION
+from harmonic.engine.cli import add_arguments as add_arguments
+from harmonic.engine.cli import config_from_args as config_from_args
+from harmonic.engine.cli import run as run
+from harmonic.engine.config import AMP_MODES as AMP_MODES
+from harmonic.engine.config import DEVICES as DEVICES
+from harmonic.engine.config import PRESETS, TrainConfig, lr_at
+from harmonic.engine.config import RESUMABLE_CHANGES as RESUMABLE_CHANGES
+from harmonic.engine.evaluation import evaluate, predict
+from harmonic.engine.sampling import EpochBatchSampler, SeededSamples, derive_seed, iters_per_epoch
+from harmonic.engine.training import IterationState, NonFiniteLossError, train
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "PRESETS",
+    "EpochBatchSampler",
+    "IterationState",
+    "NonFiniteLossError",
+    "SeededSamples",
+    "TrainConfig",
+    "derive_seed",
+    "evaluate",
+    "iters_per_epoch",
+    "load_checkpoint",
+    "load_model",
+    "lr_at",
+    "predict",
+    "read_log",
+    "train",
+]

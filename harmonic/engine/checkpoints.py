@@ -1,0 +1,98 @@
+"""Checkpoints and logs: the checkpoint format, RNG state capture and restore, :func:`load_checkpoint`,
+:func:`load_model`, :func:`read_log` and the helpers that keep ``log.jsonl`` consistent on resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harmonic.engine.config import _is_int
+from harmonic.io import atomic_write_text
+
+CHECKPOINT_FORMAT = "harmonic.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    state["cuda"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`train` with ``torch.load(weights_only=True)`` (tensors and plain
+    Python types only). ``path`` may also be a run folder (its ``final.pt``, else ``last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "final.pt", path / "checkpoints" / "last.pt", path / "final.pt",
+                          path / "last.pt"):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no checkpoints/final.pt or checkpoints/last.pt in this run folder")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every unreadable file gets the same clear message
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a harmonic checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')!r}, this code reads {CHECKPOINT_VERSION}")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def load_model(checkpoint: str | os.PathLike | Mapping[str, Any], device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """``(model in eval mode on device, checkpoint dict)`` from a checkpoint file, run folder or dict."""
+    from harmonic.models import DetectorConfig, build_detector
+
+    ckpt = dict(checkpoint) if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
+    model = build_detector(DetectorConfig.from_dict(ckpt["detector"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run's ``log.jsonl`` (a run folder is accepted); an unfinished last line is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if handle.readline():  # only the last line may be cut short (a crash mid-write)
+                    raise ValueError(f"{path}: line {number} is not JSON") from None
+    return records
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Keep the records of iterations ``<= iteration`` (a resumed run re-logs the ones after it)."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_log(path) if _is_int(r.get("iter")) and r["iter"] <= iteration]
+    atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None

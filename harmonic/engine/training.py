@@ -1,0 +1,357 @@
+"""The training loop: :func:`train` (resumable, deterministic, single-process or distributed), one
+optimizer step, the :class:`IterationState` its callback sees and :class:`NonFiniteLossError`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harmonic.engine.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    _json_float,
+    _rng_state,
+    _set_rng_state,
+    _truncate_log,
+    load_checkpoint,
+)
+from harmonic.engine.config import RESUMABLE_CHANGES, TrainConfig, lr_at
+from harmonic.engine.distributed import _all_reduce_mean, _Context, _gather, _setup_context
+from harmonic.engine.sampling import EpochBatchSampler, SeededSamples, derive_seed, iters_per_epoch
+from harmonic.io import atomic_torch_save, atomic_write_json, provenance
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term (or the gradient norm) was NaN or infinite; the run stopped before that step."""
+
+    def __init__(self, message: str, iteration: int, terms: dict[str, float]) -> None:
+        super().__init__(message)
+        self.iteration = iteration
+        self.terms = terms
+
+
+@dataclass
+class IterationState:
+    """What an ``on_iteration`` callback of :func:`train` sees after each step (on every process)."""
+
+    iteration: int
+    total_iters: int
+    epoch: int
+    record: dict[str, Any]
+    model: nn.Module  # unwrapped from DistributedDataParallel
+    rank: int
+    world_size: int
+    run_dir: Path
+
+
+@contextlib.contextmanager
+def _threads(num_threads: int | None):
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        if num_threads is not None:
+            torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool, device: torch.device):
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    previous_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous_benchmark
+
+
+def _use_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.amp == "on" and device.type != "cuda":
+        raise ValueError("TrainConfig.amp is 'on' but the device is the CPU; mixed precision is for CUDA: use 'auto' or 'off'")
+    return device.type == "cuda" and cfg.amp in ("on", "auto")
+
+
+def _existing_run(run_dir: Path) -> bool:
+    log = run_dir / "log.jsonl"
+    return (run_dir / "checkpoints" / "last.pt").is_file() or (log.is_file() and log.stat().st_size > 0)
+
+
+def _check_resumable(saved: Mapping[str, Any], cfg: TrainConfig, path: Path) -> None:
+    current = cfg.to_dict()
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(
+            f"cannot resume {path}: the configuration differs in {changed} ({details}). Only "
+            f"{sorted(RESUMABLE_CHANGES)} may change when resuming; start a new output_dir instead"
+        )
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    on_iteration: Callable[[IterationState], None] | None = None,
+) -> Path:
+    """Train the detector of ``cfg``; returns the run folder (``cfg.output_dir``).
+
+    Each iteration ``k`` (1-based): the learning rate :func:`lr_at` ``(cfg, k)``; the forward pass (under
+    float16 autocast when AMP is on); the loss dict of the detector summed; a check that every term is
+    finite (else :class:`NonFiniteLossError` naming the iteration and the terms, before any update, so the
+    last checkpoint is the last good state); backward (through the gradient scaler with AMP); the global
+    gradient norm, clipped to ``grad_clip`` when set (a non-finite norm without AMP is also an error; with
+    AMP the scaler skips that step); the SGD step. Then one JSON line in ``log.jsonl``, flushed::
+
+        {"iter", "epoch", "lr", "loss", "loss/<term>" (each key of the loss dict), "grad_norm",
+         "beta_r", "beta_c", "num_positives" (Harmonic loss, when there were positives),
+         "amp_scale" (with AMP), "time" (s, the whole iteration), "data_time" (s, waiting for data)}
+
+    Losses are averaged over processes; the harmonic factors are those of process 0. Distributed runs
+    keep per-process BatchNorm statistics (DDP broadcasts process 0's buffers at every forward; the
+    checkpoint holds process 0's) unless ``sync_bn`` (CUDA) computes them over the global batch.
+
+    ``checkpoints/last.pt`` is written every ``checkpoint_every`` iterations and at the end, atomically,
+    by process 0 only (all processes wait for it); ``checkpoints/final.pt`` holds the final model. With
+    ``cfg.resume`` the run continues from ``last.pt`` (same world size, and a configuration that differs
+    only in :data:`RESUMABLE_CHANGES`); the log is cut back to that iteration first. Without it, a folder
+    that already holds a run is refused.
+
+    ``on_iteration(state)`` is called on every process after each iteration (after the checkpoint, if
+    any); raising from it stops the run (``KeyboardInterrupt`` included) with the last checkpoint intact.
+    Sets the global torch seed (``cfg.seed``) before building the model.
+    """
+    cfg = cfg.validate()
+    ctx = _setup_context(cfg.device)
+    try:
+        with _deterministic(cfg.deterministic, ctx.device), _threads(cfg.num_threads):
+            return _train(cfg, ctx, progress=progress, on_iteration=on_iteration)
+    finally:
+        if ctx.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, ctx: _Context, *, progress: bool, on_iteration) -> Path:
+    from harmonic.data import build_dataset, collate_fn, targets_to
+    from harmonic.models import DetectorConfig, build_detector, get_stats
+
+    run_dir = Path(cfg.output_dir)
+    last_path = run_dir / "checkpoints" / "last.pt"
+    log_path = run_dir / "log.jsonl"
+    device = ctx.device
+    use_amp = _use_amp(cfg, device)
+
+    checkpoint = None
+    if cfg.resume and last_path.is_file():
+        checkpoint = load_checkpoint(last_path, map_location=device)
+        _check_resumable(checkpoint["config"], cfg, last_path)
+        if checkpoint["world_size"] != ctx.world_size:
+            raise ValueError(
+                f"cannot resume {last_path}: it was written by {checkpoint['world_size']} process(es), this run has "
+                f"{ctx.world_size}; resume with the same number of processes"
+            )
+    elif not cfg.resume and _existing_run(run_dir):
+        raise FileExistsError(
+            f"{run_dir} already holds a training run (log.jsonl or checkpoints/last.pt); pass resume=True "
+            "(--resume) to continue it, or choose another output_dir"
+        )
+    ctx.barrier()  # every process has looked at the folder before process 0 writes to it
+
+    if ctx.is_main:  # a preset dataset is generated once, by process 0
+        dataset = build_dataset(cfg.dataset, "train", cfg.image_dir, train=True, flip_prob=cfg.flip_prob)
+    ctx.barrier()
+    if not ctx.is_main:
+        dataset = build_dataset(cfg.dataset, "train", cfg.image_dir, train=True, flip_prob=cfg.flip_prob)
+    num_classes = cfg.detector.get("num_classes", dataset.num_classes)
+    if num_classes != dataset.num_classes:
+        raise ValueError(
+            f"TrainConfig.detector.num_classes is {num_classes} but the training set {cfg.dataset!r} has "
+            f"{dataset.num_classes} categories; leave num_classes out to take it from the data"
+        )
+    detector_cfg = DetectorConfig.from_dict({**cfg.detector, "num_classes": num_classes})
+    per_epoch = iters_per_epoch(len(dataset), cfg.batch_size, ctx.world_size)
+    total = cfg.total_iters(per_epoch)
+
+    torch.manual_seed(cfg.seed)
+    model = build_detector(detector_cfg).to(device)
+    if cfg.sync_bn and ctx.distributed:
+        if device.type != "cuda":
+            raise ValueError("TrainConfig.sync_bn needs CUDA (torch.nn.SyncBatchNorm has no CPU implementation)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if use_amp and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        rng = checkpoint["rng"]
+        _set_rng_state({"torch": rng["torch"][ctx.rank], "cuda": rng["cuda"][ctx.rank]}, device)
+        start = checkpoint["iteration"]
+    model.train()
+    net: nn.Module = model
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    meta = {
+        "num_classes": num_classes,
+        "class_names": list(dataset.class_names),
+        "label_to_cat_id": {int(k): int(v) for k, v in dataset.label_to_cat_id.items()},
+        "train_images": len(dataset),
+    }
+    resolved = {
+        "detector": detector_cfg.to_dict(), "device": str(device), "amp": use_amp, "world_size": ctx.world_size,
+        "global_batch_size": cfg.batch_size * ctx.world_size, "iters_per_epoch": per_epoch, "total_iters": total,
+        "resumed_at_iteration": start if checkpoint is not None else None, **meta,
+    }
+    if ctx.is_main:
+        atomic_write_json(run_dir / "config.json", {
+            "config": cfg.to_dict(), "resolved": resolved,
+            "provenance": provenance(cfg.to_dict(), seed=cfg.seed, device=str(device)),
+        })
+        _truncate_log(log_path, start)
+
+    def checkpoint_state(iteration: int, *, final: bool) -> dict[str, Any] | None:
+        rng = _gather(_rng_state(device), ctx)  # a collective: every process takes part
+        if not ctx.is_main:
+            return None
+        state = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": "final" if final else "resume",
+            "iteration": iteration, "epoch": (iteration - 1) // per_epoch if iteration else 0,
+            "total_iters": total, "iters_per_epoch": per_epoch, "world_size": ctx.world_size,
+            "model": model.state_dict(), "config": cfg.to_dict(), "detector": detector_cfg.to_dict(), **meta,
+        }
+        if not final:
+            state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                         rng={"torch": [r["torch"] for r in rng], "cuda": [r["cuda"] for r in rng]})
+        return state
+
+    def save(iteration: int) -> None:
+        state = checkpoint_state(iteration, final=False)
+        if state is not None:
+            atomic_torch_save(last_path, state)
+            if cfg.keep_checkpoints:
+                atomic_torch_save(run_dir / "checkpoints" / f"iter_{iteration:07d}.pt", state)
+        ctx.barrier()
+
+    def save_final(iteration: int) -> None:
+        state = checkpoint_state(iteration, final=True)
+        if state is not None:
+            atomic_torch_save(run_dir / "checkpoints" / "final.pt", state)
+        ctx.barrier()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=f"train {run_dir.name}", dynamic_ncols=True,
+               disable=not (progress and ctx.is_main))
+    log_file = open(log_path, "a", encoding="utf-8") if ctx.is_main else None  # noqa: SIM115
+    iteration = start
+    try:
+        while iteration < total:
+            epoch, skip = divmod(iteration, per_epoch)
+            sampler = EpochBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                        world_size=ctx.world_size, rank=ctx.rank, start=skip,
+                                        num_batches=total - iteration)
+            loader = torch.utils.data.DataLoader(
+                SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(derive_seed("loader", cfg.seed, epoch, ctx.rank)),
+            )
+            tick = time.perf_counter()
+            for images, targets in loader:
+                iteration += 1
+                data_time = time.perf_counter() - tick
+                record = _train_step(
+                    net, model, optimizer, scaler, params, images, targets, cfg=cfg, ctx=ctx, iteration=iteration,
+                    epoch=epoch, use_amp=use_amp, targets_to=targets_to, get_stats=get_stats,
+                    checkpoint_path=last_path,
+                )
+                record["data_time"] = data_time
+                record["time"] = time.perf_counter() - tick
+                if log_file is not None:
+                    log_file.write(json.dumps(record, allow_nan=False) + "\n")
+                    log_file.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                    if bar.disable and (iteration % cfg.log_every == 0 or iteration == total):
+                        print(f"[{run_dir.name}] iter {iteration}/{total} loss {record['loss']:.4f} "
+                              f"lr {record['lr']:.2e} {record['time']:.2f}s/it", flush=True)
+                if iteration % cfg.checkpoint_every == 0 or iteration == total:
+                    save(iteration)
+                if on_iteration is not None:
+                    on_iteration(IterationState(iteration, total, epoch, record, model, ctx.rank, ctx.world_size, run_dir))
+                tick = time.perf_counter()
+        if start < total or not (run_dir / "checkpoints" / "final.pt").is_file():
+            save_final(iteration)
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    return run_dir
+
+
+def _train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, ctx, iteration, epoch, use_amp,
+                targets_to, get_stats, checkpoint_path) -> dict[str, Any]:
+    device = ctx.device
+    lr = lr_at(cfg, iteration)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = targets_to(targets, device)
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        loss_dict = net(images, targets)
+    if not isinstance(loss_dict, Mapping) or not loss_dict:
+        raise TypeError(f"the detector returned {type(loss_dict).__name__} in train mode; expected a dict of losses")
+    names = list(loss_dict)
+    total_loss = sum(loss_dict[k].float() for k in names)
+    values = torch.stack([total_loss.detach()] + [loss_dict[k].detach().float() for k in names])
+    values = _all_reduce_mean(values, ctx).tolist()
+    terms = dict(zip(["loss"] + names, values))
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    if bad:
+        listing = ", ".join(f"{k}={v}" for k, v in bad.items())
+        where = f"the last good checkpoint is {checkpoint_path}" if checkpoint_path.is_file() else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {listing} ({where})", iteration, bad)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total_loss).backward()
+    scaler.unscale_(optimizer)
+    max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not math.isfinite(grad_norm) and not use_amp:
+        raise NonFiniteLossError(
+            f"non-finite gradient norm at iteration {iteration}: grad_norm={grad_norm} (losses were finite: "
+            + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) + ")",
+            iteration, {"grad_norm": grad_norm},
+        )
+    scaler.step(optimizer)
+    scaler.update()
+    record: dict[str, Any] = {"iter": iteration, "epoch": epoch, "lr": lr, "loss": terms["loss"]}
+    record.update({f"loss/{k}": terms[k] for k in names})
+    record["grad_norm"] = _json_float(grad_norm)
+    stats = get_stats(model)
+    for key in ("beta_r", "beta_c", "num_positives"):
+        if key in stats and math.isfinite(stats[key]):
+            record[key] = stats[key]
+    if use_amp:
+        record["amp_scale"] = float(scaler.get_scale())
+    return record
