@@ -260,6 +260,77 @@ def _as_normalizer(num_foreground: object, num_anchors: int, device: torch.devic
     return max(1.0, float(num_foreground))
 
 
+def _at_positives(normalizer: Tensor | float, positive: Tensor) -> Tensor | float:
+    """The positives' divisors: a per-anchor normalizer indexed by ``positive``, a number as it is."""
+    return normalizer[positive] if isinstance(normalizer, Tensor) else normalizer
+
+
+def _checked_positives(
+    cls_logits: object,
+    classes: object,
+    box_loss: object,
+    pred_boxes: object,
+    target_boxes: object,
+    *,
+    softmax: bool,
+) -> Tensor:
+    """Check a head's pieces and return the indices of its positives: ``labels > 0`` of a softmax head
+    (column 0 the background), ``gt_classes >= 0`` of a sigmoid head (-1 a negative)."""
+    _check_logits_and_classes(cls_logits, classes, low=0 if softmax else -1)
+    positive = torch.where(classes > 0)[0] if softmax else positive_rows(classes)
+    _check_positive_pieces(positive.numel(), box_loss, pred_boxes, target_boxes)
+    return positive
+
+
+def _harmonic_inputs(
+    options: HarmonicOptions,
+    cls_logits: Tensor,
+    classes: Tensor,
+    box_loss: Tensor,
+    pred_boxes: Tensor,
+    target_boxes: Tensor,
+    normalizer: object,
+    *,
+    softmax: bool,
+) -> tuple[Tensor, Tensor | float, Tensor, Tensor]:
+    """The checked pieces both Harmonic compositions start from: the positives' indices
+    (:func:`_checked_positives`), the normalizer (:func:`_as_normalizer`), the logits in the compute
+    dtype (:func:`_upcast`) and ``L_loc`` of the positives (:func:`localization_loss` with ``options``)."""
+    positive = _checked_positives(cls_logits, classes, box_loss, pred_boxes, target_boxes, softmax=softmax)
+    norm = _as_normalizer(normalizer, cls_logits.shape[0], cls_logits.device)
+    loc = localization_loss(
+        box_loss, pred_boxes, target_boxes,
+        hiou=options.hiou, hiou_weight=options.hiou_weight, hiou_gamma=options.hiou_gamma,
+    )
+    return positive, norm, _upcast(cls_logits), loc
+
+
+def _task_contrasting(
+    gt_prob: Tensor,
+    logits: Tensor,
+    positive: Tensor,
+    pred_boxes: Tensor,
+    target_boxes: Tensor,
+    normalizer: Tensor | float,
+    *,
+    kind: str,
+    tc_weight: float,
+    tc_margin: float,
+    tc_form: str,
+) -> Tensor:
+    """``tc_weight`` times the task-contrasting loss of the positives [R], normalized as the other terms:
+    ``gt_prob`` [P] their probability of the ground-truth class, ``logits`` [A, K] every sample's logits
+    (``kind`` "sigmoid" or "softmax" for the class entropy), ``positive`` [P] the positives' indices."""
+    tc = task_contrasting_loss(
+        gt_prob,
+        aligned_box_iou(pred_boxes, target_boxes),
+        class_entropy(logits[positive], kind=kind),
+        margin=tc_margin,
+        form=tc_form,
+    )
+    return tc_weight * _normalize(tc, _at_positives(normalizer, positive))
+
+
 def _compose(
     cls_loss: Tensor,
     positive: Tensor,
@@ -279,7 +350,7 @@ def _compose(
     without building the [A] tensor of weighted terms.
     """
     cls_factor, reg_factor = harmonic_factors(factor_cls_loss, loc_loss, detach_factors=detach_factors)
-    pos_normalizer = normalizer[positive] if isinstance(normalizer, Tensor) else normalizer
+    pos_normalizer = _at_positives(normalizer, positive)
     out = {
         "classification": _normalize(cls_loss, normalizer) + _normalize((cls_factor - 1.0) * cls_pos, pos_normalizer),
         "bbox_regression": _normalize(reg_factor * loc_loss, pos_normalizer),
@@ -334,15 +405,13 @@ def dense_harmonic_loss(
         statistics ``"num_positives"`` and, when there is at least one positive, ``"beta_r"``,
         ``"beta_c"``: the means of beta_r = exp(-L_loc) and beta_c over the positives.
     """
-    HarmonicOptions(hiou, hiou_weight, hiou_gamma, tc_weight, tc_margin, tc_form, detach_factors, beta_c_source, fused)
-    _check_logits_and_classes(cls_logits, gt_classes, low=-1)
-    positive = positive_rows(gt_classes)
-    _check_positive_pieces(positive.numel(), box_loss, pred_boxes, target_boxes)
-    normalizer = _as_normalizer(num_foreground, cls_logits.shape[0], cls_logits.device)
-
-    logits = _upcast(cls_logits)
+    options = HarmonicOptions(
+        hiou, hiou_weight, hiou_gamma, tc_weight, tc_margin, tc_form, detach_factors, beta_c_source, fused
+    )
+    positive, normalizer, logits, loc = _harmonic_inputs(
+        options, cls_logits, gt_classes, box_loss, pred_boxes, target_boxes, num_foreground, softmax=False
+    )
     focal = select_focal_loss(fused, logits.device)(logits, gt_classes, focal_alpha, focal_gamma)
-    loc = localization_loss(box_loss, pred_boxes, target_boxes, hiou=hiou, hiou_weight=hiou_weight, hiou_gamma=hiou_gamma)
     gt_logit = logits[positive, gt_classes[positive]] if (beta_c_source != "loss" or tc_weight > 0) else None
     focal_pos = focal[positive]
     if beta_c_source == "loss":
@@ -351,15 +420,10 @@ def dense_harmonic_loss(
         factor_cls = F.softplus(-gt_logit)  # -log sigmoid(x_gt), so beta_c = sigmoid(x_gt) [D]
     out = _compose(focal, positive, focal_pos, factor_cls, loc, normalizer, detach_factors=detach_factors)
     if tc_weight > 0:
-        tc = task_contrasting_loss(
-            torch.sigmoid(gt_logit),
-            aligned_box_iou(pred_boxes, target_boxes),
-            class_entropy(logits[positive], kind="sigmoid"),
-            margin=tc_margin,
-            form=tc_form,
+        out["task_contrasting"] = _task_contrasting(
+            torch.sigmoid(gt_logit), logits, positive, pred_boxes, target_boxes, normalizer, kind="sigmoid",
+            tc_weight=tc_weight, tc_margin=tc_margin, tc_form=tc_form,
         )
-        pos_normalizer = normalizer[positive] if isinstance(normalizer, Tensor) else normalizer
-        out["task_contrasting"] = tc_weight * _normalize(tc, pos_normalizer)
     return out
 
 
@@ -398,27 +462,20 @@ def softmax_harmonic_loss(
     Returns:
         As :func:`dense_harmonic_loss`: CE_i = cross-entropy, beta_c = p_i, beta_r = exp(-L_loc_i).
     """
-    HarmonicOptions(hiou, hiou_weight, hiou_gamma, tc_weight, tc_margin, tc_form, detach_factors, beta_c_source, fused)
-    _check_logits_and_classes(cls_logits, labels, low=0)
-    positive = torch.where(labels > 0)[0]
-    _check_positive_pieces(positive.numel(), box_loss, pred_boxes, target_boxes)
-    norm = _as_normalizer(normalizer, cls_logits.shape[0], cls_logits.device)
-
-    logits = _upcast(cls_logits)
+    options = HarmonicOptions(
+        hiou, hiou_weight, hiou_gamma, tc_weight, tc_margin, tc_form, detach_factors, beta_c_source, fused
+    )
+    positive, norm, logits, loc = _harmonic_inputs(
+        options, cls_logits, labels, box_loss, pred_boxes, target_boxes, normalizer, softmax=True
+    )
     ce = F.cross_entropy(logits, labels, reduction="none")
-    loc = localization_loss(box_loss, pred_boxes, target_boxes, hiou=hiou, hiou_weight=hiou_weight, hiou_gamma=hiou_gamma)
     ce_pos = ce[positive]
     out = _compose(ce, positive, ce_pos, ce_pos, loc, norm, detach_factors=detach_factors)
     if tc_weight > 0:
-        tc = task_contrasting_loss(
-            torch.exp(-ce_pos),  # p_i of the ground-truth class
-            aligned_box_iou(pred_boxes, target_boxes),
-            class_entropy(logits[positive], kind="softmax"),
-            margin=tc_margin,
-            form=tc_form,
-        )
-        pos_norm = norm[positive] if isinstance(norm, Tensor) else norm
-        out["task_contrasting"] = tc_weight * _normalize(tc, pos_norm)
+        out["task_contrasting"] = _task_contrasting(
+            torch.exp(-ce_pos), logits, positive, pred_boxes, target_boxes, norm, kind="softmax",
+            tc_weight=tc_weight, tc_margin=tc_margin, tc_form=tc_form,
+        )  # exp(-CE_i) = p_i of the ground-truth class
     return out
 
 
@@ -520,9 +577,7 @@ def dense_comparison_loss(
         ``"num_positives"`` and, when there is a positive, ``"mean_iou"`` (mean of q over the positives).
     """
     options = ComparisonOptions(kind, qfl_beta, vfl_alpha, vfl_gamma, iou_eta, iou_lambda, fused)
-    _check_logits_and_classes(cls_logits, gt_classes, low=-1)
-    positive = positive_rows(gt_classes)
-    _check_positive_pieces(positive.numel(), box_loss, pred_boxes, target_boxes)
+    positive = _checked_positives(cls_logits, gt_classes, box_loss, pred_boxes, target_boxes, softmax=False)
     if isinstance(num_foreground, Tensor) and num_foreground.dim() > 0:
         raise ValueError(
             "num_foreground must be one image's number of positives (a number or a 0-dim tensor): "

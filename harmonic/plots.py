@@ -140,6 +140,12 @@ def _axes_values(p_range, other_range, grid):
     return p, other
 
 
+def _p_t_axes(p_range, t_range, grid):
+    """The score values ``p`` and offsets ``t`` of Fig. 1's grid, ranges and grid size checked."""
+    p_range = _check_range("p_range", p_range, low=0.0, high=1.0)
+    return _axes_values(p_range, _check_range("t_range", t_range), grid)
+
+
 def grad_t_grid(
     p: np.ndarray | torch.Tensor,
     t: np.ndarray | torch.Tensor,
@@ -228,7 +234,7 @@ def gradient_grid_discrepancy(
     Keys: ``"eq5"`` (``dL_Har/dt``), ``"eq5_detached"`` (factors detached: ``(1 + p) dL/dt``) and
     ``"eq10"`` (``dL_Har/dp``).
     """
-    p, t = _axes_values(_check_range("p_range", p_range, low=0.0, high=1.0), _check_range("t_range", t_range), grid)
+    p, t = _p_t_axes(p_range, t_range, grid)
     _, loss = _axes_values(p_range, _check_range("loss_range", loss_range), grid)
 
     def gap(a, b):
@@ -254,6 +260,25 @@ def _heatmap(fig: Figure, x, y, z, *, cmap: str, label: str, norm=None, levels: 
     return ax
 
 
+def _label_p_t(ax) -> None:
+    """Axis labels of Fig. 1: the offset ``t`` on x, the score ``p`` on y."""
+    ax.set_xlabel(r"regression offset $t = d_i - \hat d_i$")
+    ax.set_ylabel(r"classification score $p_i$")
+
+
+def _fig1_abs_heatmap(
+    gradient, p, t, *, beta: float, label: str, title: str, how: str, path, dpi: int, figsize
+) -> Figure:
+    """Fig. 1 (a) / (b): the heatmap of ``|gradient|`` (rows ``p``, columns ``t``) with its title, axis
+    labels and a caption naming the smooth L1 ``beta`` and ``how`` the gradient was computed."""
+    fig = new_figure(figsize)
+    ax = _heatmap(fig, t.numpy(), p.numpy(), np.abs(gradient), cmap="viridis", label=label)
+    _label_p_t(ax)
+    ax.set_title(title, fontsize=10)
+    _caption(fig, f"L(t) = smooth L1 with beta = {beta:g} [D: beta not stated in the supplement]; {how}")
+    return _finish(fig, path, dpi)
+
+
 def fig1a_grad_t(
     grid: int = 201,
     *,
@@ -265,16 +290,12 @@ def fig1a_grad_t(
     figsize: tuple[float, float] = FIGSIZE,
 ) -> Figure:
     """Supplement Fig. 1 (a) [S]: ``|dL_Har/dt|`` (Eq. 5) over ``t`` (x) and ``p`` (y), autograd grid."""
-    p, t = _axes_values(_check_range("p_range", p_range, low=0.0, high=1.0), _check_range("t_range", t_range), grid)
-    z = np.abs(grad_t_grid(p, t, beta=beta))
-    fig = new_figure(figsize)
-    ax = _heatmap(fig, t.numpy(), p.numpy(), z, cmap="viridis", label=r"$|\partial L_{Har} / \partial t|$")
-    ax.set_xlabel(r"regression offset $t = d_i - \hat d_i$")
-    ax.set_ylabel(r"classification score $p_i$")
-    ax.set_title(r"Fig. 1 (a) [S]: $|\partial L_{Har}/\partial t|$, Harmonic loss (Eq. 5)", fontsize=10)
-    _caption(fig, f"L(t) = smooth L1 with beta = {beta:g} [D: beta not stated in the supplement]; "
-             "gradient by autograd through harmonic_loss")
-    return _finish(fig, path, dpi)
+    p, t = _p_t_axes(p_range, t_range, grid)
+    return _fig1_abs_heatmap(
+        grad_t_grid(p, t, beta=beta), p, t, beta=beta, label=r"$|\partial L_{Har} / \partial t|$",
+        title=r"Fig. 1 (a) [S]: $|\partial L_{Har}/\partial t|$, Harmonic loss (Eq. 5)",
+        how="gradient by autograd through harmonic_loss", path=path, dpi=dpi, figsize=figsize,
+    )
 
 
 def fig1b_grad_t_standard(
@@ -288,16 +309,12 @@ def fig1b_grad_t_standard(
     figsize: tuple[float, float] = FIGSIZE,
 ) -> Figure:
     """Supplement Fig. 1 (b) [S]: ``|d(CE + smooth L1)/dt| = |dL/dt|``, the same for every ``p``."""
-    p, t = _axes_values(_check_range("p_range", p_range, low=0.0, high=1.0), _check_range("t_range", t_range), grid)
-    z = np.abs(grad_t_standard_grid(p, t, beta=beta))
-    fig = new_figure(figsize)
-    ax = _heatmap(fig, t.numpy(), p.numpy(), z, cmap="viridis", label=r"$|\partial L_{std} / \partial t|$")
-    ax.set_xlabel(r"regression offset $t = d_i - \hat d_i$")
-    ax.set_ylabel(r"classification score $p_i$")
-    ax.set_title(r"Fig. 1 (b) [S]: $|\partial L/\partial t|$, CE + smooth L1 (independent of $p$)", fontsize=10)
-    _caption(fig, f"L(t) = smooth L1 with beta = {beta:g} [D: beta not stated in the supplement]; "
-             "gradient by autograd")
-    return _finish(fig, path, dpi)
+    p, t = _p_t_axes(p_range, t_range, grid)
+    return _fig1_abs_heatmap(
+        grad_t_standard_grid(p, t, beta=beta), p, t, beta=beta, label=r"$|\partial L_{std} / \partial t|$",
+        title=r"Fig. 1 (b) [S]: $|\partial L/\partial t|$, CE + smooth L1 (independent of $p$)",
+        how="gradient by autograd", path=path, dpi=dpi, figsize=figsize,
+    )
 
 
 def fig1a_signed(
@@ -316,7 +333,7 @@ def fig1a_signed(
     ``1 + p + exp(-L) log p`` is negative: the gradient points the other way from ``dL/dt``, so a gradient
     step on ``t`` *increases* the regression loss. The supplement's Fig. 1 shows ``|.|``, which hides this.
     """
-    p, t = _axes_values(_check_range("p_range", p_range, low=0.0, high=1.0), _check_range("t_range", t_range), grid)
+    p, t = _p_t_axes(p_range, t_range, grid)
     z = grad_t_grid(p, t, beta=beta)
     limit = float(np.max(np.abs(z))) or 1.0
     fig = new_figure(figsize)
@@ -332,8 +349,7 @@ def fig1a_signed(
     ax.plot(tn, root, color="black", linewidth=1.4, label=r"$1 + p + e^{-L(t)}\log p = 0$")
     ax.set_ylim(pn[0], pn[-1])
     ax.legend(loc="upper right", fontsize=7, framealpha=0.9)
-    ax.set_xlabel(r"regression offset $t = d_i - \hat d_i$")
-    ax.set_ylabel(r"classification score $p_i$")
+    _label_p_t(ax)
     ax.set_title(r"Signed Fig. 1 (a) [D]: $\partial L_{Har}/\partial t$ (Eq. 5 [S])", fontsize=10)
     _caption(fig, "hatched: bracket < 0, a gradient step on t increases the regression loss [D]; "
              f"smooth L1, beta = {beta:g} [D]")

@@ -13,7 +13,9 @@ from harmonic.dense import COMPARISON_LOSSES, ComparisonOptions, dense_compariso
 from harmonic.models import DetectorConfig, build_detector, get_stats
 from harmonic.models.retinanet import HarmonicRetinaNetHead
 
-K = 3
+import tiny_detectors
+from tiny_detectors import K, assert_finite_losses_and_gradients, batch
+
 GT = torch.tensor([-1, 0, 2, -1, 1, -1, -1])  # 3 positives among 7 anchors
 POSITIVE = GT >= 0
 
@@ -173,22 +175,8 @@ def test_bad_inputs_are_rejected_by_name(kwargs, message):
 # inside RetinaNet
 # ----------------------------------------------------------------------------------------------------
 def tiny(**overrides) -> DetectorConfig:
-    settings = dict(arch="retinanet", num_classes=K, backbone="resnet18_fpn", min_size=64, max_size=96,
-                    fpn_channels=32, anchor_sizes="auto")
-    settings.update(overrides)
-    return DetectorConfig(**settings)
-
-
-def batch(empty: tuple[int, ...] = ()):
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 64, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
-    targets = [
-        {"boxes": torch.tensor([[5.0, 6.0, 40.0, 50.0], [30.0, 20.0, 62.0, 60.0]]), "labels": torch.tensor([1, 3])},
-        {"boxes": torch.tensor([[10.0, 10.0, 34.0, 44.0]]), "labels": torch.tensor([2])},
-    ]
-    for i in empty:
-        targets[i] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
-    return images, targets
+    """A tiny RetinaNet, the detector that takes the comparison losses."""
+    return tiny_detectors.tiny("retinanet", **overrides)
 
 
 def build(cfg: DetectorConfig) -> nn.Module:
@@ -280,12 +268,7 @@ def test_sgd_steps_on_the_head_lower_each_loss_on_a_fixed_batch(kind):
 def test_images_without_objects_give_finite_losses_and_gradients_everywhere(kind, empty):
     model = build(tiny(loss=kind))
     losses = model(*batch(empty))
-    assert all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            assert parameter.grad is not None, name
-            assert torch.isfinite(parameter.grad).all(), name
+    assert_finite_losses_and_gradients(model, losses)
     stats = get_stats(model)
     if len(empty) == 2:
         assert stats == {"num_positives": 0.0}

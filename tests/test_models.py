@@ -21,32 +21,12 @@ from harmonic.models import CANDIDATE_KEYS, DetectorConfig, build_detector, get_
 from harmonic.models.backbones import default_anchor_sizes, level_strides
 from harmonic.models.common import HarmonicTransform, ignore_crowd_anchors
 
+from tiny_detectors import K, assert_finite_losses_and_gradients, batch, tiny
+
 ARCHS = ("retinanet", "fcos", "faster_rcnn", "ssd")
-K = 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(arch: str, **overrides) -> DetectorConfig:
-    settings = dict(
-        arch=arch, num_classes=K, backbone="resnet18_fpn", min_size=64, max_size=96, fpn_channels=32,
-        anchor_sizes=None if arch == "ssd" else "auto",
-    )
-    settings.update(overrides)
-    return DetectorConfig(**settings)
-
-
-def batch(empty: tuple[int, ...] = ()):
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 64, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
-    targets = [
-        {"boxes": torch.tensor([[5.0, 6.0, 40.0, 50.0], [30.0, 20.0, 62.0, 60.0]]), "labels": torch.tensor([1, 3])},
-        {"boxes": torch.tensor([[10.0, 10.0, 34.0, 44.0]]), "labels": torch.tensor([2])},
-    ]
-    for i in empty:
-        targets[i] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
-    return images, targets
 
 
 def build(cfg: DetectorConfig, seed: int = 0) -> nn.Module:
@@ -257,12 +237,7 @@ def test_images_without_objects_give_finite_losses_and_gradients_everywhere(arch
     model = build(tiny(arch, loss="harmonic", tc_weight=1.0))
     images, targets = batch(empty)
     losses = train_losses(model, images, targets)
-    assert all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            assert parameter.grad is not None, name
-            assert torch.isfinite(parameter.grad).all(), name
+    assert_finite_losses_and_gradients(model, losses)
     stats = get_stats(model)
     if len(empty) == 2:
         assert stats == {"num_positives": 0.0}

@@ -12,9 +12,11 @@ from torchvision.ops import boxes as box_ops
 __all__ = [
     "CANDIDATE_KEYS",
     "HarmonicTransform",
+    "ImageCandidates",
     "StatsMixin",
     "finish_detections",
     "ignore_crowd_anchors",
+    "ignore_crowd_in_batch",
 ]
 
 CANDIDATE_KEYS = ("candidate_boxes", "candidate_scores", "candidate_labels")
@@ -109,6 +111,16 @@ def ignore_crowd_anchors(
     return torch.where(inside & (matched_idxs == -1), torch.full_like(matched_idxs, IGNORED), matched_idxs)
 
 
+def ignore_crowd_in_batch(
+    matched_idxs: list[Tensor], anchors: list[Tensor], targets: list[dict[str, Tensor]], iof_thresh: float
+) -> list[Tensor]:
+    """:func:`ignore_crowd_anchors` image by image, with each target's optional ``crowd_boxes``."""
+    return [
+        ignore_crowd_anchors(m, a, t.get("crowd_boxes"), iof_thresh)
+        for m, a, t in zip(matched_idxs, anchors, targets)
+    ]
+
+
 def finish_detections(
     boxes: Tensor,
     scores: Tensor,
@@ -125,6 +137,55 @@ def finish_detections(
     if record_candidates:
         out.update(candidate_boxes=boxes, candidate_scores=scores, candidate_labels=labels)
     return out
+
+
+class ImageCandidates:
+    """One image's detections, gathered as torchvision's dense post-processing does: level by level
+    (RetinaNet, FCOS: scores flattened over anchors x classes) or class by class (SSD).
+
+    :meth:`select` keeps the scores above the model's ``score_thresh`` and the ``topk_candidates`` highest
+    of them (:meth:`select_anchors` does so on a level's [A, K] scores); :meth:`add` collects the decoded
+    boxes, scores and labels (1..K) of one level or class; :meth:`finish` runs :func:`finish_detections`
+    (class-wise NMS, top ``detections_per_img``, the pre-NMS candidates under :data:`CANDIDATE_KEYS` when
+    the model's ``record_candidates`` is on).
+
+    ``model``: a torchvision dense detector (``score_thresh``, ``topk_candidates``, ``nms_thresh``,
+    ``detections_per_img``) with harmonic's ``record_candidates`` flag.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.boxes: list[Tensor] = []
+        self.scores: list[Tensor] = []
+        self.labels: list[Tensor] = []
+
+    def select(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """``scores`` [N] -> (the kept scores, highest first, and their indices into ``scores``)."""
+        keep = scores > self.model.score_thresh
+        kept_idxs = torch.where(keep)[0]
+        top, idxs = scores[keep].topk(min(self.model.topk_candidates, kept_idxs.numel()))
+        return top, kept_idxs[idxs]
+
+    def select_anchors(self, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One level's ``scores`` [A, K] -> (the kept scores, their anchor indices 0..A-1, their labels 1..K),
+        selected over the A * K flattened scores as torchvision's RetinaNet and FCOS do."""
+        num_classes = scores.shape[-1]
+        top, idxs = self.select(scores.flatten())
+        return top, torch.div(idxs, num_classes, rounding_mode="floor"), idxs % num_classes + 1
+
+    def add(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> None:
+        """Collect one level's (or one class's) selected boxes [n, 4], scores [n] and labels [n]."""
+        self.boxes.append(boxes)
+        self.scores.append(scores)
+        self.labels.append(labels)
+
+    def finish(self) -> dict[str, Tensor]:
+        """The image's detections (:func:`finish_detections` on everything added)."""
+        return finish_detections(
+            torch.cat(self.boxes), torch.cat(self.scores), torch.cat(self.labels),
+            nms_thresh=self.model.nms_thresh, detections_per_img=self.model.detections_per_img,
+            record_candidates=self.model.record_candidates,
+        )
 
 
 class StatsMixin:

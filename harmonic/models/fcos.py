@@ -28,9 +28,9 @@ from harmonic.models.backbones import fcos_head_norm
 from harmonic.models.common import (
     IGNORED,
     HarmonicTransform,
+    ImageCandidates,
     StatsMixin,
-    finish_detections,
-    ignore_crowd_anchors,
+    ignore_crowd_in_batch,
 )
 from harmonic.models.retinanet import shift_labels
 
@@ -52,10 +52,7 @@ class HarmonicFCOSHead(StatsMixin, FCOSHead):
         self._init_stats()
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
-        matched_idxs = [
-            ignore_crowd_anchors(m, a, t.get("crowd_boxes"), self.crowd_iof_thresh)
-            for m, a, t in zip(matched_idxs, anchors, targets)
-        ]
+        matched_idxs = ignore_crowd_in_batch(matched_idxs, anchors, targets, self.crowd_iof_thresh)
         if self.options is None and not any(bool((m == IGNORED).any()) for m in matched_idxs):
             return super().compute_loss(targets, head_outputs, anchors, matched_idxs)
         losses, stats = split_losses_and_stats(self._loss_with_ignored(targets, head_outputs, anchors, matched_idxs))
@@ -134,30 +131,17 @@ class HarmonicFCOS(FCOS):
         top-k, decode, clip, NMS), labels shifted back to 1..K, candidates kept when recorded."""
         detections = []
         for index, image_shape in enumerate(image_shapes):
-            image_boxes, image_scores, image_labels = [], [], []
+            candidates = ImageCandidates(self)
             for regression, logits, ctrness, level_anchors in zip(
                 [br[index] for br in head_outputs["bbox_regression"]],
                 [cl[index] for cl in head_outputs["cls_logits"]],
                 [bc[index] for bc in head_outputs["bbox_ctrness"]],
                 anchors[index],
             ):
-                num_classes = logits.shape[-1]
-                scores = torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(ctrness)).flatten()
-                keep = scores > self.score_thresh
-                scores = scores[keep]
-                topk_idxs = torch.where(keep)[0]
-                scores, idxs = scores.topk(min(self.topk_candidates, topk_idxs.numel()))
-                topk_idxs = topk_idxs[idxs]
-                anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
-                boxes = self.box_coder.decode(regression[anchor_idxs], level_anchors[anchor_idxs])
-                image_boxes.append(box_ops.clip_boxes_to_image(boxes, image_shape))
-                image_scores.append(scores)
-                image_labels.append(topk_idxs % num_classes + 1)
-            detections.append(
-                finish_detections(
-                    torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels),
-                    nms_thresh=self.nms_thresh, detections_per_img=self.detections_per_img,
-                    record_candidates=self.record_candidates,
+                scores, anchor_idxs, labels = candidates.select_anchors(
+                    torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(ctrness))
                 )
-            )
+                boxes = self.box_coder.decode(regression[anchor_idxs], level_anchors[anchor_idxs])
+                candidates.add(box_ops.clip_boxes_to_image(boxes, image_shape), scores, labels)
+            detections.append(candidates.finish())
         return detections

@@ -35,7 +35,7 @@ from harmonic.dense import (
     dense_harmonic_loss,
     split_losses_and_stats,
 )
-from harmonic.models.common import HarmonicTransform, StatsMixin, finish_detections, ignore_crowd_anchors
+from harmonic.models.common import HarmonicTransform, ImageCandidates, StatsMixin, ignore_crowd_in_batch
 
 __all__ = ["HarmonicRetinaNet", "HarmonicRetinaNetHead", "shift_labels"]
 
@@ -64,10 +64,7 @@ class HarmonicRetinaNetHead(StatsMixin, RetinaNetHead):
         self._init_stats()
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
-        matched_idxs = [
-            ignore_crowd_anchors(m, a, t.get("crowd_boxes"), self.crowd_iof_thresh)
-            for m, a, t in zip(matched_idxs, anchors, targets)
-        ]
+        matched_idxs = ignore_crowd_in_batch(matched_idxs, anchors, targets, self.crowd_iof_thresh)
         if self.comparison is not None:
             result = self.comparison_loss(targets, head_outputs, anchors, matched_idxs)
         elif self.options is not None:
@@ -156,29 +153,14 @@ class HarmonicRetinaNet(RetinaNet):
         shifted back to 1..K, candidates kept when ``record_candidates``."""
         detections = []
         for index, image_shape in enumerate(image_shapes):
-            image_boxes, image_scores, image_labels = [], [], []
+            candidates = ImageCandidates(self)
             for regression, logits, level_anchors in zip(
                 [br[index] for br in head_outputs["bbox_regression"]],
                 [cl[index] for cl in head_outputs["cls_logits"]],
                 anchors[index],
             ):
-                num_classes = logits.shape[-1]
-                scores = torch.sigmoid(logits).flatten()
-                keep = scores > self.score_thresh
-                scores = scores[keep]
-                topk_idxs = torch.where(keep)[0]
-                scores, idxs = scores.topk(min(self.topk_candidates, topk_idxs.numel()))
-                topk_idxs = topk_idxs[idxs]
-                anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor")
+                scores, anchor_idxs, labels = candidates.select_anchors(torch.sigmoid(logits))
                 boxes = self.box_coder.decode_single(regression[anchor_idxs], level_anchors[anchor_idxs])
-                image_boxes.append(box_ops.clip_boxes_to_image(boxes, image_shape))
-                image_scores.append(scores)
-                image_labels.append(topk_idxs % num_classes + 1)
-            detections.append(
-                finish_detections(
-                    torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels),
-                    nms_thresh=self.nms_thresh, detections_per_img=self.detections_per_img,
-                    record_candidates=self.record_candidates,
-                )
-            )
+                candidates.add(box_ops.clip_boxes_to_image(boxes, image_shape), scores, labels)
+            detections.append(candidates.finish())
         return detections

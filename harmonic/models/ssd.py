@@ -21,7 +21,7 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.ops import boxes as box_ops
 
 from harmonic.dense import HarmonicOptions, softmax_harmonic_loss, split_losses_and_stats
-from harmonic.models.common import HarmonicTransform, StatsMixin, finish_detections
+from harmonic.models.common import HarmonicTransform, ImageCandidates, StatsMixin
 
 __all__ = ["HarmonicSSD"]
 
@@ -90,20 +90,9 @@ class HarmonicSSD(StatsMixin, SSD):
         detections = []
         for regression, scores, anchors, image_shape in zip(head_outputs["bbox_regression"], pred_scores, image_anchors, image_shapes):
             boxes = box_ops.clip_boxes_to_image(self.box_coder.decode_single(regression, anchors), image_shape)
-            image_boxes, image_scores, image_labels = [], [], []
+            candidates = ImageCandidates(self)
             for label in range(1, num_classes):
-                score = scores[:, label]
-                keep = score > self.score_thresh
-                score, box = score[keep], boxes[keep]
-                score, idxs = score.topk(min(self.topk_candidates, score.numel()))
-                image_boxes.append(box[idxs])
-                image_scores.append(score)
-                image_labels.append(torch.full_like(score, fill_value=label, dtype=torch.int64))
-            detections.append(
-                finish_detections(
-                    torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels),
-                    nms_thresh=self.nms_thresh, detections_per_img=self.detections_per_img,
-                    record_candidates=self.record_candidates,
-                )
-            )
+                score, idxs = candidates.select(scores[:, label])
+                candidates.add(boxes[idxs], score, torch.full_like(idxs, label))  # int64 labels
+            detections.append(candidates.finish())
         return detections

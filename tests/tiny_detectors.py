@@ -1,0 +1,52 @@
+"""Tiny detector configurations, one fixed two-image batch and a gradient check, shared by the model
+tests (CPU, seconds).
+
+Imported by the test modules as ``tiny_detectors`` (pytest puts ``tests/`` on ``sys.path``; it is not a
+test module itself; ``conftest.py`` registers it for pytest's assertion rewriting).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harmonic.models import DetectorConfig
+
+K = 3
+
+
+def tiny(arch: str, **overrides) -> DetectorConfig:
+    """A ResNet-18 FPN detector of ``arch`` with K classes on 64-96 pixel images; ``overrides`` win."""
+    settings = dict(
+        arch=arch, num_classes=K, backbone="resnet18_fpn", min_size=64, max_size=96, fpn_channels=32,
+        anchor_sizes=None if arch == "ssd" else "auto",
+    )
+    settings.update(overrides)
+    return DetectorConfig(**settings)
+
+
+def batch(empty: tuple[int, ...] = ()):
+    """Two images (64x80, 72x64) with three boxes; the images numbered in ``empty`` get no boxes."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
+    targets = [
+        {
+            "boxes": torch.tensor([[5.0, 6.0, 40.0, 50.0], [30.0, 20.0, 62.0, 60.0]]),
+            "labels": torch.tensor([1, 3]),
+        },
+        {"boxes": torch.tensor([[10.0, 10.0, 34.0, 44.0]]), "labels": torch.tensor([2])},
+    ]
+    for i in empty:
+        targets[i] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    return images, targets
+
+
+def assert_finite_losses_and_gradients(model: nn.Module, losses: dict[str, torch.Tensor]) -> None:
+    """Every loss is finite and, after ``backward`` of their sum, every trainable parameter has a finite
+    gradient."""
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None, name
+            assert torch.isfinite(parameter.grad).all(), name
