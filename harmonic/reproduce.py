@@ -168,7 +168,9 @@ def run_notebook(
 
 def _finalize(tmp_path: Path, source: Path, output_path: Path) -> None:
     """Record repository-relative paths in the papermill metadata (not the temporary file's, nor this
-    machine's absolute ones) and give the file the usual permissions (``mkstemp`` makes it private)."""
+    machine's absolute ones), write the repository root as ``.`` in text the cells printed (warnings name
+    the files of ``.venv``, for example), and give the file the usual permissions (``mkstemp`` makes it
+    private). Executed notebooks are shared results: they name no folder of the machine that made them."""
     import nbformat
 
     notebook = nbformat.read(tmp_path, as_version=4)
@@ -176,7 +178,12 @@ def _finalize(tmp_path: Path, source: Path, output_path: Path) -> None:
     if meta is not None:
         meta["input_path"] = _parameter_path(source)
         meta["output_path"] = _parameter_path(output_path)
-        nbformat.write(notebook, tmp_path)
+    root = str(ROOT) + os.sep
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and root in output.get("text", ""):
+                output["text"] = output["text"].replace(root, "")
+    nbformat.write(notebook, tmp_path)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp_path, 0o666 & ~umask)

@@ -214,3 +214,20 @@ def test_a_failing_notebook_leaves_no_output_but_keeps_its_partial_copy(tmp_path
     assert partial == output.with_name("bad.failed.ipynb") and str(partial) in str(info.value)
     assert _has_error_output(nbformat.read(partial, as_version=4))
     assert sorted(p.name for p in output.parent.iterdir()) == ["bad.failed.ipynb", "bad.ipynb"]
+
+
+def test_executed_notebooks_name_no_folder_of_this_machine(tmp_path):
+    # a warning printed by a cell names a file under the repository root (for example in .venv): the
+    # executed copy, a shared result, writes it relative to the root
+    notebook = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("import warnings")
+    root_file = reproduce.ROOT / ".venv" / "lib" / "tqdm" / "auto.py"
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=f"{root_file}:21: SomeWarning: x\n")]
+    notebook.cells.append(cell)
+    notebook.metadata["papermill"] = {"input_path": "/abs/in.ipynb", "output_path": "/abs/out.ipynb"}
+    tmp = tmp_path / "run.ipynb"
+    nbformat.write(notebook, tmp)
+    reproduce._finalize(tmp, reproduce.ROOT / "notebooks" / "03_train_eval.ipynb", tmp_path / "out.ipynb")
+    written = nbformat.read(tmp, as_version=4)
+    assert written.cells[0].outputs[0]["text"] == ".venv/lib/tqdm/auto.py:21: SomeWarning: x\n"
+    assert written.metadata.papermill.input_path == "notebooks/03_train_eval.ipynb"
