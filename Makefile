@@ -35,23 +35,23 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 reproduce: $(STAMP)
-	$(PY) -m harmonic.reproduce --profile $(PROFILE) $(if $(COCO_ROOT),--coco-root $(COCO_ROOT),) $(if $(DRY_RUN),--dry-run,)
+	$(PY) -m harmonic reproduce --profile $(PROFILE) $(if $(COCO_ROOT),--coco-root $(COCO_ROOT),) $(if $(DRY_RUN),--dry-run,)
 
 sweep: $(STAMP)
-	$(PY) -m harmonic.reproduce --sweep $(SWEEP)
+	$(PY) -m harmonic reproduce --sweep $(SWEEP)
 
 bench: $(STAMP)
-	$(PY) -m harmonic.bench --out results/bench.json --readme README.md $(BENCH_ARGS)
+	$(PY) tools/bench.py --out results/bench.json --readme README.md $(BENCH_ARGS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --notebook-dir .
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check harmonic tests
+	$(VENV)/bin/ruff check harmonic tests tools
 
 lock: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | grep -v '^harmonic' > requirements.lock
-	$(PY) -m harmonic.envfiles requirements.lock environment.yml
+	$(PY) tools/envfiles.py requirements.lock environment.yml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,16 +1,18 @@
 """harmonic: reference implementation of "Reconcile Prediction Consistency for Balanced Object Detection".
 
-Importing the package never starts a computation. The pieces, one module per concern:
+Importing the package never starts a computation. The folders name the concerns:
 
-* :mod:`harmonic.losses`       the Harmonic loss, Harmonic IoU loss and task-contrasting term
-* :mod:`harmonic.derivations`  the supplement's equations, checked in sympy and against autograd
-* :mod:`harmonic.data`         COCO-format datasets and transforms
-* :mod:`harmonic.shapes`       the generated default dataset (irregular, occluding shapes on clutter)
-* :mod:`harmonic.voc`          PASCAL VOC XML to COCO JSON
+* :mod:`harmonic.losses`       the Harmonic loss, the Harmonic IoU loss, the task-contrasting term, the
+                               comparison losses
+* :mod:`harmonic.ops`          the fused per-anchor focal loss and its native CPU kernel
 * :mod:`harmonic.models`       torchvision detectors with the losses swapped in
-* :mod:`harmonic.engine`       training (resumable, DDP) and evaluation
+* :mod:`harmonic.data`         COCO-format datasets, the generated default dataset, PASCAL VOC conversion
+* :mod:`harmonic.engine`       training (resumable, distributed) and prediction
 * :mod:`harmonic.evaluation`   COCO metrics and prediction-consistency metrics
-* :mod:`harmonic.plots`        the figures used by the notebooks
+* :mod:`harmonic.theory`       the supplement's derivations, its figures, the paper's reported numbers
+* :mod:`harmonic.experiments`  runs, sweeps, notebooks and the results report
+* :mod:`harmonic.utils`        argument checks, atomic result files, provenance, figure files
+* :mod:`harmonic.cli`          ``python -m harmonic <command>``
 """
 
 from harmonic.losses import (

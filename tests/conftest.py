@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-pytest.register_assert_rewrite("tiny_detectors")  # the model tests' shared helpers (tests/tiny_detectors.py)
+# the development tools (benchmark, environment-file generator) live outside the package, in tools/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+pytest.register_assert_rewrite("tiny_detectors")  # the model tests' shared helpers (tests/models/tiny_detectors.py)
 
 _CUDA = pytest.param(
     "cuda",

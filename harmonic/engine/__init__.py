@@ -30,7 +30,7 @@ Conventions, stated once:
 Command line: ``python -m harmonic train --help``; evaluation: ``python -m harmonic evaluate --help``.
 
 The package, one module per concern (everything public is re-exported here, so
-``from harmonic.engine import train`` works as it always has):
+``from harmonic.engine import train`` works):
 
 * :mod:`harmonic.engine.config`       ``TrainConfig``, ``PRESETS``, the schedule ``lr_at`` and the
   validation helpers
@@ -42,22 +42,17 @@ The package, one module per concern (everything public is re-exported here, so
   ``load_model``, ``read_log`` and the log helpers
 * :mod:`harmonic.engine.training`     ``train``, the optimizer step, ``IterationState``,
   ``NonFiniteLossError``
-* :mod:`harmonic.engine.evaluation`   ``predict`` and ``evaluate``
-* :mod:`harmonic.engine.cli`          the ``train`` command: ``add_arguments``, ``config_from_args``, ``run``
+* :mod:`harmonic.engine.predict`      ``predict`` and ``evaluate``
 """
 
-# Names imported ``as`` themselves are public but outside ``__all__``, as they were in the single module:
-# constants, and the ``train`` command (harmonic.cli calls harmonic.engine.add_arguments and .run).
+# Names imported ``as`` themselves are public but outside ``__all__`` (constants).
 from harmonic.engine.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_model, read_log
 from harmonic.engine.checkpoints import CHECKPOINT_VERSION as CHECKPOINT_VERSION
-from harmonic.engine.cli import add_arguments as add_arguments
-from harmonic.engine.cli import config_from_args as config_from_args
-from harmonic.engine.cli import run as run
 from harmonic.engine.config import AMP_MODES as AMP_MODES
 from harmonic.engine.config import DEVICES as DEVICES
 from harmonic.engine.config import PRESETS, TrainConfig, lr_at
 from harmonic.engine.config import RESUMABLE_CHANGES as RESUMABLE_CHANGES
-from harmonic.engine.evaluation import evaluate, predict
+from harmonic.engine.predict import evaluate, predict
 from harmonic.engine.sampling import EpochBatchSampler, SeededSamples, derive_seed, iters_per_epoch
 from harmonic.engine.training import IterationState, NonFiniteLossError, train
 

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from harmonic.engine.config import _is_int
-from harmonic.io import atomic_write_text
+from harmonic.models import DetectorConfig, build_detector
+from harmonic.utils.checks import is_int
+from harmonic.utils.files import atomic_write_text
 
 CHECKPOINT_FORMAT = "harmonic.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -60,8 +61,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def load_model(checkpoint: str | os.PathLike | Mapping[str, Any], device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """``(model in eval mode on device, checkpoint dict)`` from a checkpoint file, run folder or dict."""
-    from harmonic.models import DetectorConfig, build_detector
-
     ckpt = dict(checkpoint) if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
     model = build_detector(DetectorConfig.from_dict(ckpt["detector"]))
     model.load_state_dict(ckpt["model"])
@@ -90,7 +89,7 @@ def _truncate_log(path: Path, iteration: int) -> None:
     """Keep the records of iterations ``<= iteration`` (a resumed run re-logs the ones after it)."""
     if not path.is_file():
         return
-    kept = [r for r in read_log(path) if _is_int(r.get("iter")) and r["iter"] <= iteration]
+    kept = [r for r in read_log(path) if is_int(r.get("iter")) and r["iter"] <= iteration]
     atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
 
 

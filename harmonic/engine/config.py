@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harmonic.io import atomic_write_json
+from harmonic.models import DetectorConfig
+from harmonic.utils.checks import is_int, is_number
+from harmonic.utils.files import atomic_write_json
 
 AMP_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
@@ -23,12 +24,6 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -111,7 +106,7 @@ class TrainConfig:
                 setattr(self, name, os.fspath(value))
             if getattr(self, name) is not None and (not isinstance(getattr(self, name), str) or not getattr(self, name)):
                 raise bad(name, "None or a non-empty string")
-        if not (_is_number(self.flip_prob) and 0 <= self.flip_prob <= 1):
+        if not (is_number(self.flip_prob) and 0 <= self.flip_prob <= 1):
             raise bad("flip_prob", "a number in [0, 1]")
         if (self.epochs is None) == (self.max_iters is None):
             raise ValueError(
@@ -120,28 +115,28 @@ class TrainConfig:
             )
         for name in ("epochs", "max_iters"):
             value = getattr(self, name)
-            if value is not None and not (_is_int(value) and value >= 1):
+            if value is not None and not (is_int(value) and value >= 1):
                 raise bad(name, "None or an integer >= 1")
         for name, low in (("batch_size", 1), ("warmup_iters", 0), ("checkpoint_every", 1), ("log_every", 1),
                           ("num_workers", 0), ("seed", 0)):
-            if not (_is_int(getattr(self, name)) and getattr(self, name) >= low):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= low):
                 raise bad(name, f"an integer >= {low}")
-        if not (_is_number(self.lr) and self.lr > 0):
+        if not (is_number(self.lr) and self.lr > 0):
             raise bad("lr", "a number > 0")
         for name in ("momentum", "weight_decay"):
-            if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
+            if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise bad(name, "a number >= 0")
         for name in ("warmup_factor", "lr_gamma"):
-            if not (_is_number(getattr(self, name)) and 0 < getattr(self, name) <= 1):
+            if not (is_number(getattr(self, name)) and 0 < getattr(self, name) <= 1):
                 raise bad(name, "a number in (0, 1]")
         if isinstance(self.lr_steps, tuple):
             self.lr_steps = list(self.lr_steps)
-        if not (isinstance(self.lr_steps, list) and all(_is_int(s) and s >= 1 for s in self.lr_steps)
+        if not (isinstance(self.lr_steps, list) and all(is_int(s) and s >= 1 for s in self.lr_steps)
                 and self.lr_steps == sorted(set(self.lr_steps))):
             raise bad("lr_steps", "a list of increasing integers >= 1 (iteration counts)")
-        if self.num_threads is not None and not (_is_int(self.num_threads) and self.num_threads >= 1):
+        if self.num_threads is not None and not (is_int(self.num_threads) and self.num_threads >= 1):
             raise bad("num_threads", "None or an integer >= 1")
-        if self.grad_clip is not None and not (_is_number(self.grad_clip) and self.grad_clip > 0):
+        if self.grad_clip is not None and not (is_number(self.grad_clip) and self.grad_clip > 0):
             raise bad("grad_clip", "None or a number > 0")
         if self.amp is True or self.amp is False:
             self.amp = "on" if self.amp else "off"
@@ -156,8 +151,6 @@ class TrainConfig:
         return self
 
     def _validate_detector(self) -> None:
-        from harmonic.models import DetectorConfig
-
         if not isinstance(self.detector, Mapping):
             raise ValueError(f"TrainConfig.detector must be a dict of DetectorConfig fields, got {self.detector!r}")
         self.detector = dict(self.detector)
@@ -312,7 +305,7 @@ def lr_at(cfg: TrainConfig, iteration: int) -> float:
     ``w(k) = warmup_factor + (1 - warmup_factor) * (k - 1) / warmup_iters`` for ``k <= warmup_iters``
     and ``w(k) = 1`` afterwards (torchvision's linear warmup; ``warmup_iters = 0``: none).
     """
-    if not (_is_int(iteration) and iteration >= 1):
+    if not (is_int(iteration) and iteration >= 1):
         raise ValueError(f"iteration must be an integer >= 1, got {iteration!r}")
     warmup = 1.0
     if iteration <= cfg.warmup_iters:

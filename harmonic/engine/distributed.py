@@ -11,7 +11,7 @@ import torch
 
 
 @dataclass
-class _Context:
+class Context:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -31,7 +31,7 @@ class _Context:
             torch.distributed.barrier()
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None:
         return default
@@ -41,7 +41,7 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
-def _resolve_device(requested: str, local_rank: int) -> torch.device:
+def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("TrainConfig.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
@@ -49,15 +49,15 @@ def _resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _setup_context(requested_device: str) -> _Context:
+def setup_context(requested_device: str) -> Context:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group if needed
     (NCCL on CUDA, Gloo on CPU). Without those variables: one process."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
-    device = _resolve_device(requested_device, local_rank)
+    world_size = env_int("WORLD_SIZE", 1)
+    rank, local_rank = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
+    device = resolve_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ctx = _Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    ctx = Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     if world_size > 1:
         import torch.distributed as dist
 
@@ -70,14 +70,14 @@ def _setup_context(requested_device: str) -> _Context:
     return ctx
 
 
-def _all_reduce_mean(values: torch.Tensor, ctx: _Context) -> torch.Tensor:
+def all_reduce_mean(values: torch.Tensor, ctx: Context) -> torch.Tensor:
     if ctx.distributed:
         torch.distributed.all_reduce(values)
         values = values / ctx.world_size
     return values
 
 
-def _gather(obj: Any, ctx: _Context) -> list[Any]:
+def gather(obj: Any, ctx: Context) -> list[Any]:
     if not ctx.distributed:
         return [obj]
     out: list[Any] = [None] * ctx.world_size

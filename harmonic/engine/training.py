@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harmonic.data import build_dataset, collate_fn, targets_to
 from harmonic.engine.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -26,9 +27,12 @@ from harmonic.engine.checkpoints import (
     load_checkpoint,
 )
 from harmonic.engine.config import RESUMABLE_CHANGES, TrainConfig, lr_at
-from harmonic.engine.distributed import _all_reduce_mean, _Context, _gather, _setup_context
+from harmonic.engine.distributed import Context, all_reduce_mean, gather, setup_context
 from harmonic.engine.sampling import EpochBatchSampler, SeededSamples, derive_seed, iters_per_epoch
-from harmonic.io import atomic_torch_save, atomic_write_json, provenance
+from harmonic.models import DetectorConfig, build_detector, get_stats
+from harmonic.ops.focal import backend_record
+from harmonic.utils.files import atomic_torch_save, atomic_write_json
+from harmonic.utils.provenance import provenance
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,7 +59,8 @@ class IterationState:
 
 
 @contextlib.contextmanager
-def _threads(num_threads: int | None):
+def torch_threads(num_threads: int | None):
+    """Run the block with ``num_threads`` torch threads (None: leave the setting), then restore it."""
     previous = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -140,19 +145,16 @@ def train(
     Sets the global torch seed (``cfg.seed``) before building the model.
     """
     cfg = cfg.validate()
-    ctx = _setup_context(cfg.device)
+    ctx = setup_context(cfg.device)
     try:
-        with _deterministic(cfg.deterministic, ctx.device), _threads(cfg.num_threads):
+        with _deterministic(cfg.deterministic, ctx.device), torch_threads(cfg.num_threads):
             return _train(cfg, ctx, progress=progress, on_iteration=on_iteration)
     finally:
         if ctx.owns_group:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, ctx: _Context, *, progress: bool, on_iteration) -> Path:
-    from harmonic.data import build_dataset, collate_fn, targets_to
-    from harmonic.models import DetectorConfig, build_detector, get_stats
-
+def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> Path:
     run_dir = Path(cfg.output_dir)
     last_path = run_dir / "checkpoints" / "last.pt"
     log_path = run_dir / "log.jsonl"
@@ -227,12 +229,12 @@ def _train(cfg: TrainConfig, ctx: _Context, *, progress: bool, on_iteration) -> 
     if ctx.is_main:
         atomic_write_json(run_dir / "config.json", {
             "config": cfg.to_dict(), "resolved": resolved,
-            "provenance": provenance(cfg.to_dict(), seed=cfg.seed, device=str(device)),
+            "provenance": provenance(cfg.to_dict(), seed=cfg.seed, device=str(device), device_details=backend_record(device)),
         })
         _truncate_log(log_path, start)
 
     def checkpoint_state(iteration: int, *, final: bool) -> dict[str, Any] | None:
-        rng = _gather(_rng_state(device), ctx)  # a collective: every process takes part
+        rng = gather(_rng_state(device), ctx)  # a collective: every process takes part
         if not ctx.is_main:
             return None
         state = {
@@ -325,7 +327,7 @@ def _train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, 
     names = list(loss_dict)
     total_loss = sum(loss_dict[k].float() for k in names)
     values = torch.stack([total_loss.detach()] + [loss_dict[k].detach().float() for k in names])
-    values = _all_reduce_mean(values, ctx).tolist()
+    values = all_reduce_mean(values, ctx).tolist()
     terms = dict(zip(["loss"] + names, values))
     bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
     if bad:

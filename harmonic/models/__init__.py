@@ -3,9 +3,10 @@
 The swap subclasses each host's loss step (never patching torchvision): RetinaNet's and FCOS's heads
 (``compute_loss``), Faster R-CNN's ``RoIHeads`` (its ``fastrcnn_loss`` step) and ``SSD.compute_loss``.
 ``loss="baseline"`` runs torchvision's own loss code unchanged. RetinaNet also takes the comparison
-losses ``"qfl"``, ``"varifocal"`` and ``"iou_balanced"`` (:func:`harmonic.dense.dense_comparison_loss`),
+losses ``"qfl"``, ``"varifocal"`` and ``"iou_balanced"`` (:func:`harmonic.models.head_loss.dense_comparison_loss`),
 loss-only swaps in the same detector.
 
+* :mod:`harmonic.models.head_loss`    the Harmonic loss composed on a head's own per-sample losses
 * :mod:`harmonic.models.config`       ``DetectorConfig`` and the option-to-source table
 * :mod:`harmonic.models.backbones`    ResNet / MobileNet FPN and VGG16 backbones, default anchors
 * :mod:`harmonic.models.retinanet`, :mod:`~harmonic.models.fcos`, :mod:`~harmonic.models.faster_rcnn`,

@@ -29,7 +29,7 @@ negatives                   plain classification loss; host normalization (item 
 ==========================  ====================================================================  =====
 
 The comparison losses (``"qfl"``, ``"varifocal"``, ``"iou_balanced"``; our implementation of other
-papers' formulas, :func:`harmonic.dense.dense_comparison_loss`) are loss-only swaps in the same RetinaNet:
+papers' formulas, :func:`harmonic.models.head_loss.dense_comparison_loss`) are loss-only swaps in the same RetinaNet:
 same anchors and assigner, the host's L1 box loss and its per-image ``max(1, num_foreground)``
 normalization; only the classification loss (and for ``"iou_balanced"`` the weighting) changes. Like
 ``"baseline"`` they ignore the Harmonic options.
@@ -42,11 +42,17 @@ Architecture options (``arch``, ``backbone``, ``norm``, ``anchor_sizes``, ...) a
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from harmonic.dense import BETA_C_SOURCES, COMPARISON_LOSSES, TC_FORMS, ComparisonOptions, HarmonicOptions
+from harmonic.models.head_loss import (
+    BETA_C_SOURCES,
+    COMPARISON_LOSSES,
+    TC_FORMS,
+    ComparisonOptions,
+    HarmonicOptions,
+)
+from harmonic.utils.checks import is_int, is_number
 
 __all__ = ["ARCHS", "BACKBONES", "COMPARISON_ARCHS", "LOSSES", "NORMS", "DetectorConfig"]
 
@@ -69,12 +75,6 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 TRAINABLE_LAYERS = {"resnet50_fpn": (5, 3), "resnet18_fpn": (5, 3), "mobilenet_v3_fpn": (6, 3), "vgg16": (5, 4)}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -139,7 +139,7 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"DetectorConfig.arch must be one of {ARCHS}, got {self.arch!r}")
-        if not _is_int(self.num_classes) or self.num_classes < 1:
+        if not is_int(self.num_classes) or self.num_classes < 1:
             raise ValueError(f"DetectorConfig.num_classes must be an int >= 1 (without background), got {self.num_classes!r}")
         backbone = self.resolved("backbone")
         if backbone not in BACKBONES:
@@ -155,7 +155,7 @@ class DetectorConfig:
             )
         self._check_backbone_training(backbone)
         self._check_sizes(backbone)
-        if not _is_int(self.fpn_channels) or self.fpn_channels < 1:
+        if not is_int(self.fpn_channels) or self.fpn_channels < 1:
             raise ValueError(f"DetectorConfig.fpn_channels must be an int >= 1, got {self.fpn_channels!r}")
         self.anchor_sizes = self._normalized_anchor_sizes(self.anchor_sizes)
         if self.loss not in LOSSES:
@@ -173,18 +173,18 @@ class DetectorConfig:
             self.harmonic_options()
         except (TypeError, ValueError) as err:
             raise ValueError(f"DetectorConfig: {err}") from err
-        if self.detections_per_img is not None and (not _is_int(self.detections_per_img) or self.detections_per_img < 1):
+        if self.detections_per_img is not None and (not is_int(self.detections_per_img) or self.detections_per_img < 1):
             raise ValueError(f"DetectorConfig.detections_per_img must be None or an int >= 1, got {self.detections_per_img!r}")
-        if self.score_thresh is not None and (not _is_number(self.score_thresh) or not 0 <= self.score_thresh < 1):
+        if self.score_thresh is not None and (not is_number(self.score_thresh) or not 0 <= self.score_thresh < 1):
             raise ValueError(f"DetectorConfig.score_thresh must be None or a number in [0, 1), got {self.score_thresh!r}")
-        if not _is_number(self.crowd_iof_thresh) or not 0 < self.crowd_iof_thresh <= 1:
+        if not is_number(self.crowd_iof_thresh) or not 0 < self.crowd_iof_thresh <= 1:
             raise ValueError(f"DetectorConfig.crowd_iof_thresh must be a number in (0, 1], got {self.crowd_iof_thresh!r}")
 
     def _check_backbone_training(self, backbone: str) -> None:
         max_layers, _ = TRAINABLE_LAYERS[backbone]
         layers = self.trainable_backbone_layers
         if layers is not None:
-            if not _is_int(layers) or not 0 <= layers <= max_layers:
+            if not is_int(layers) or not 0 <= layers <= max_layers:
                 raise ValueError(
                     f"DetectorConfig.trainable_backbone_layers must be None or an int in [0, {max_layers}] for "
                     f"{backbone}, got {layers!r}"
@@ -209,7 +209,7 @@ class DetectorConfig:
     def _check_sizes(self, backbone: str) -> None:
         for name in ("min_size", "max_size"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"DetectorConfig.{name} must be None or an int >= 1, got {value!r}")
         if backbone == "vgg16" and self.min_size not in (None, 300):
             raise ValueError(f"DetectorConfig.min_size must be 300 (or None) for the vgg16 SSD300, got {self.min_size!r}")
@@ -231,7 +231,7 @@ class DetectorConfig:
         for level in value:
             if isinstance(level, str) or not isinstance(level, (list, tuple)) or not level:
                 raise error
-            if not all(_is_number(size) and size > 0 for size in level):
+            if not all(is_number(size) and size > 0 for size in level):
                 raise error
             levels.append(tuple(float(size) for size in level))
         if self.arch == "ssd":
@@ -265,7 +265,7 @@ class DetectorConfig:
         return None
 
     def harmonic_options(self) -> HarmonicOptions | None:
-        """The :class:`~harmonic.dense.HarmonicOptions` of this config, or None for the baseline loss."""
+        """The :class:`~harmonic.models.head_loss.HarmonicOptions` of this config, or None for the baseline loss."""
         options = HarmonicOptions(
             hiou=self.hiou,
             hiou_weight=self.hiou_weight,
@@ -280,7 +280,7 @@ class DetectorConfig:
         return options if self.loss == "harmonic" else None
 
     def comparison_options(self) -> ComparisonOptions | None:
-        """The :class:`~harmonic.dense.ComparisonOptions` of a comparison ``loss`` (the papers' parameter
+        """The :class:`~harmonic.models.head_loss.ComparisonOptions` of a comparison ``loss`` (the papers' parameter
         values), or None for ``"baseline"`` / ``"harmonic"``."""
         if self.loss not in COMPARISON_LOSSES:
             return None

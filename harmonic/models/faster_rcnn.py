@@ -2,7 +2,7 @@
 
 Host losses (torchvision's ``fastrcnn_loss``): softmax cross-entropy averaged over the sampled RoIs, and
 smooth L1 (beta = 1/9) on the encoded offsets of the positives' ground-truth class, summed and divided
-by the number of sampled RoIs. With ``loss="harmonic"`` :func:`harmonic.dense.softmax_harmonic_loss`
+by the number of sampled RoIs. With ``loss="harmonic"`` :func:`harmonic.models.head_loss.softmax_harmonic_loss`
 composes, per positive RoI i (supplement Eq. 1 and 4 [S]),
 
     CE_i = cross-entropy, beta_c = exp(-CE_i) = p_i,
@@ -24,8 +24,8 @@ from torchvision.models.detection.faster_rcnn import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import boxes as box_ops
 
-from harmonic.dense import HarmonicOptions, softmax_harmonic_loss, split_losses_and_stats
 from harmonic.models.common import HarmonicTransform, StatsMixin, finish_detections
+from harmonic.models.head_loss import HarmonicOptions, softmax_harmonic_loss, split_losses_and_stats
 
 __all__ = ["HarmonicFasterRCNN", "HarmonicRoIHeads"]
 
@@ -96,7 +96,7 @@ class HarmonicRoIHeads(StatsMixin, RoIHeads):
         pred_boxes = self.box_coder.decode_single(regression, torch.cat(proposals)[positive])
         return softmax_harmonic_loss(
             class_logits, labels, box_loss, pred_boxes, gt_boxes[positive],
-            normalizer=labels.numel(), **self.options.as_kwargs(),
+            normalizer=labels.numel(), options=self.options,
         )
 
     def detections(self, class_logits, box_regression, proposals, image_shapes) -> list[dict[str, Tensor]]:

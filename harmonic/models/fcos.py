@@ -2,7 +2,7 @@
 
 Host losses (torchvision): sigmoid focal loss over all anchor points, GIoU loss on the decoded boxes of
 the positives, centerness BCE on the positives, each summed over the batch ``/ max(1, num_foreground)``.
-With ``loss="harmonic"`` :func:`harmonic.dense.dense_harmonic_loss` composes, per positive point i,
+With ``loss="harmonic"`` :func:`harmonic.models.head_loss.dense_harmonic_loss` composes, per positive point i,
 
     CE_i    = focal loss of point i summed over the K classes ("loss" source [R]),
     L_loc_i = GIoU_i + hiou_weight * L_HIoU(decoded box, gt box)   [R];
@@ -23,7 +23,6 @@ from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOS
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from harmonic.dense import HarmonicOptions, dense_harmonic_loss, split_losses_and_stats
 from harmonic.models.backbones import fcos_head_norm
 from harmonic.models.common import (
     IGNORED,
@@ -32,6 +31,7 @@ from harmonic.models.common import (
     StatsMixin,
     ignore_crowd_in_batch,
 )
+from harmonic.models.head_loss import HarmonicOptions, dense_harmonic_loss, split_losses_and_stats
 from harmonic.models.retinanet import shift_labels
 
 __all__ = ["HarmonicFCOS", "HarmonicFCOSHead"]
@@ -108,7 +108,7 @@ class HarmonicFCOSHead(StatsMixin, FCOSHead):
             }
         result = dense_harmonic_loss(
             cls_logits[valid], gt_classes[valid], giou, pred_boxes[foreground], gt_boxes[foreground],
-            num_foreground=num_foreground, **self.options.as_kwargs(),
+            num_foreground=num_foreground, options=self.options,
         )
         result["bbox_ctrness"] = loss_ctrness / normalizer
         return result

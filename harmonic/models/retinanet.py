@@ -3,7 +3,7 @@
 Host losses (torchvision): sigmoid focal loss over the non-ignored anchors, L1 on the encoded offsets of
 the positives (summed over the 4 coordinates), each ``/ max(1, num_foreground)`` per image and averaged
 over images. With ``loss="harmonic"`` (supplement Eq. 1 [S]) the same normalization is kept and
-:func:`harmonic.dense.dense_harmonic_loss` composes, per positive anchor i,
+:func:`harmonic.models.head_loss.dense_harmonic_loss` composes, per positive anchor i,
 
     CE_i    = focal loss of anchor i summed over the K classes ("loss" source [R]),
     L_loc_i = L1_i + hiou_weight * L_HIoU(decoded box, gt box)   [R],
@@ -11,7 +11,7 @@ over images. With ``loss="harmonic"`` (supplement Eq. 1 [S]) the same normalizat
 split into ``classification`` / ``bbox_regression`` (+ ``task_contrasting``).
 
 With a comparison loss (``loss="qfl"`` / ``"varifocal"`` / ``"iou_balanced"`` [D]),
-:func:`harmonic.dense.dense_comparison_loss` replaces only the classification loss (and for
+:func:`harmonic.models.head_loss.dense_comparison_loss` replaces only the classification loss (and for
 ``"iou_balanced"`` weights the positives), image by image, on the same pieces: the valid anchors, the
 L1 box loss, the decoded boxes (whose detached IoU with the matched ground truth is the quality target)
 and the per-image ``max(1, num_foreground)``, averaged over images as the host does.
@@ -28,14 +28,14 @@ from torch import Tensor
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import boxes as box_ops
 
-from harmonic.dense import (
+from harmonic.models.common import HarmonicTransform, ImageCandidates, StatsMixin, ignore_crowd_in_batch
+from harmonic.models.head_loss import (
     ComparisonOptions,
     HarmonicOptions,
     dense_comparison_loss,
     dense_harmonic_loss,
     split_losses_and_stats,
 )
-from harmonic.models.common import HarmonicTransform, ImageCandidates, StatsMixin, ignore_crowd_in_batch
 
 __all__ = ["HarmonicRetinaNet", "HarmonicRetinaNetHead", "shift_labels"]
 
@@ -113,7 +113,7 @@ class HarmonicRetinaNetHead(StatsMixin, RetinaNetHead):
         cat = {k: torch.cat(v) for k, v in pieces.items()}
         return dense_harmonic_loss(
             cat["logits"], cat["classes"], cat["box_loss"], cat["pred"], cat["gt"],
-            num_foreground=cat["divisor"], **self.options.as_kwargs(),
+            num_foreground=cat["divisor"], options=self.options,
         )
 
     def comparison_loss(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
@@ -121,8 +121,7 @@ class HarmonicRetinaNetHead(StatsMixin, RetinaNetHead):
         statistics: the total number of positives and the mean quality target ``mean_iou`` over them."""
         results = [
             dense_comparison_loss(
-                self.comparison.kind, logits, classes, box_loss, pred, gt,
-                num_foreground=num_foreground, **self.comparison.as_kwargs(),
+                self.comparison, logits, classes, box_loss, pred, gt, num_foreground=num_foreground,
             )
             for logits, classes, box_loss, pred, gt, num_foreground in self._image_pieces(
                 targets, head_outputs, anchors, matched_idxs

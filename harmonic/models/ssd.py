@@ -3,7 +3,7 @@
 Host losses (torchvision): smooth L1 (beta = 1) on the encoded offsets of the positives, and softmax
 cross-entropy over the positives plus the hard-mined negatives (3 per positive), both summed over the
 batch and divided by N = max(1, number of positives). With ``loss="harmonic"`` the same samples and the
-same N are kept and :func:`harmonic.dense.softmax_harmonic_loss` composes, per positive default box i
+same N are kept and :func:`harmonic.models.head_loss.softmax_harmonic_loss` composes, per positive default box i
 (supplement Eq. 1 and 4 [S]),
 
     CE_i = cross-entropy, beta_c = exp(-CE_i) = p_i,
@@ -20,8 +20,8 @@ from torch import Tensor
 from torchvision.models.detection.ssd import SSD
 from torchvision.ops import boxes as box_ops
 
-from harmonic.dense import HarmonicOptions, softmax_harmonic_loss, split_losses_and_stats
 from harmonic.models.common import HarmonicTransform, ImageCandidates, StatsMixin
+from harmonic.models.head_loss import HarmonicOptions, softmax_harmonic_loss, split_losses_and_stats
 
 __all__ = ["HarmonicSSD"]
 
@@ -79,7 +79,7 @@ class HarmonicSSD(StatsMixin, SSD):
 
         return softmax_harmonic_loss(
             cls_logits[selected], cls_targets[selected], torch.cat(box_losses), torch.cat(pred_boxes),
-            torch.cat(gt_boxes), normalizer=int(foreground.sum()), **self.options.as_kwargs(),
+            torch.cat(gt_boxes), normalizer=int(foreground.sum()), options=self.options,
         )
 
     def postprocess_detections(self, head_outputs, image_anchors, image_shapes):

@@ -1,0 +1,199 @@
+"""Figures of the training notebooks: training curves (the supplement's Fig. 3) and a metric against a
+swept parameter."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from harmonic.utils.figures import finish, new_figure, save_figure
+
+# Keys of a training-log record that are looked up as they are, not as "loss/<term>".
+_PLAIN_LOG_KEYS = ("loss", "beta_r", "beta_c", "lr")
+
+
+def _log_key(term: str) -> str:
+    return term if term in _PLAIN_LOG_KEYS else f"loss/{term}"
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` points (fewer at the start)."""
+    if window <= 1 or values.size == 0:
+        return values
+    cumsum = np.cumsum(np.insert(values, 0, 0.0))
+    index = np.arange(1, values.size + 1)
+    start = np.maximum(index - window, 0)
+    return (cumsum[index] - cumsum[start]) / (index - start)
+
+
+def _series(label: str, records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    iters, values = [], []
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise ValueError(f"logs[{label!r}][{i}] must be a dict, got {type(record).__name__}")
+        for needed in ("iter", key):
+            if record.get(needed) is None:
+                raise ValueError(f"logs[{label!r}][{i}] has no {needed!r} (keys: {sorted(record)})")
+        value = float(record[key])
+        if not math.isfinite(value):
+            raise ValueError(f"logs[{label!r}][{i}][{key!r}] is {value} at iter {record['iter']}: not finite")
+        iters.append(int(record["iter"]))
+        values.append(value)
+    return np.asarray(iters), np.asarray(values)
+
+
+def plot_training_curves(
+    logs: dict[str, list[dict]],
+    terms: list[str] | None = None,
+    smooth: int = 20,
+    *,
+    path: str | Path | None = None,
+    dpi: int = 120,
+    panel_size: tuple[float, float] = (4.0, 3.2),
+) -> Figure:
+    """Training loss during training (the supplement's Fig. 3 [S]): one panel per term, runs overlaid.
+
+    Args:
+        logs: run label (e.g. ``"baseline"``, ``"harmonic"``) -> its JSONL records, each a dict with
+            ``"iter"`` and ``"loss"``, per-term ``"loss/<term>"`` and optionally ``"beta_r"``, ``"beta_c"``,
+            ``"lr"``.
+        terms: panels, as term names: ``"loss"`` (the total), ``"beta_r"``, ``"beta_c"``, ``"lr"`` or a
+            ``<term>`` of ``"loss/<term>"``. ``None``: the total, then every ``loss/<term>`` found in any run,
+            then ``beta_r`` / ``beta_c`` if logged. A term a run never logs is left out of that run's panel;
+            a term no run logs is an error.
+        smooth: window of the trailing moving average drawn over the faint raw curve (<= 1: none).
+
+    Raises:
+        ValueError: empty logs, a record without ``"iter"`` or a plotted key (when the run logs that key in
+        other records), a non-finite value, or a requested term that no run logs.
+    """
+    if not isinstance(logs, Mapping) or not logs:
+        raise ValueError("logs must be a non-empty dict: run label -> list of log records")
+    for label, records in logs.items():
+        if not isinstance(records, list | tuple) or not records:
+            raise ValueError(f"logs[{label!r}] must be a non-empty list of log records")
+    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0:
+        raise ValueError(f"smooth must be a non-negative integer, got {smooth!r}")
+
+    def logged(records, key):
+        return any(isinstance(r, Mapping) and key in r for r in records)
+
+    if terms is None:
+        found = sorted({k[5:] for records in logs.values() for r in records if isinstance(r, Mapping)
+                        for k in r if k.startswith("loss/")})
+        terms = ["loss", *found] + [k for k in ("beta_r", "beta_c") if any(logged(r, k) for r in logs.values())]
+    else:
+        terms = list(terms)
+        if not terms:
+            raise ValueError("terms must name at least one term (or be None for all)")
+        for term in terms:
+            if not any(logged(records, _log_key(term)) for records in logs.values()):
+                raise ValueError(
+                    f"term {term!r} (key {_log_key(term)!r}) is not logged by any run ({sorted(logs)})"
+                )
+
+    ncols = min(len(terms), 3)
+    nrows = math.ceil(len(terms) / ncols)
+    fig = new_figure((panel_size[0] * ncols, panel_size[1] * nrows + 0.4))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(terms):]:
+        ax.set_visible(False)
+    for ax, term in zip(axes, terms):
+        key = _log_key(term)
+        for index, (label, records) in enumerate(logs.items()):
+            if term != "loss" and not logged(records, key):
+                continue  # e.g. the baseline has no harmonic factors
+            iters, values = _series(label, records, key)
+            order = np.argsort(iters, kind="stable")
+            iters, values = iters[order], values[order]
+            color = f"C{index}"
+            if smooth > 1:
+                ax.plot(iters, values, color=color, alpha=0.25, linewidth=0.7)
+                ax.plot(iters, _moving_average(values, smooth), color=color, linewidth=1.4, label=label)
+            else:
+                ax.plot(iters, values, color=color, linewidth=1.2, label=label)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_title("total loss" if term == "loss" else key, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+    fig.suptitle("Training loss during training (cf. the supplement's Fig. 3 [S]); "
+                 + (f"moving average over {smooth} records" if smooth > 1 else "raw"), fontsize=10)
+    return finish(fig, path, dpi)
+
+
+def plot_metric_vs_param(
+    xs: Sequence[float],
+    means: Sequence[float],
+    stds: Sequence[float | None] | None,
+    label: str,
+    param_name: str,
+    *,
+    metric_name: str = "AP",
+    ax=None,
+    path: str | Path | None = None,
+    dpi: int = 120,
+    figsize: tuple[float, float] = (4.8, 3.6),
+) -> Figure:
+    """A metric's mean over seeds against a parameter (e.g. gamma, alpha), with ±1 std error bars.
+
+    ``stds`` entries that are None (a single seed) get no error bar; ``stds=None`` draws none at all.
+    Pass ``ax`` to overlay several labels on one axes; the figure of that axes is returned.
+    """
+    xs_a = np.asarray(xs, dtype=float)
+    if xs_a.ndim != 1 or xs_a.size == 0:
+        raise ValueError(f"xs must be a non-empty 1-D sequence, got shape {xs_a.shape}")
+    if any(m is None for m in means):
+        raise ValueError(f"means of {label!r} contain None: every plotted point needs a mean")
+    means_a = np.asarray(means, dtype=float)
+    if stds is None:
+        stds = [None] * xs_a.size
+    if not (len(means_a) == len(stds) == xs_a.size):
+        raise ValueError(f"xs, means and stds must have the same length, got {xs_a.size}, {len(means_a)}, {len(stds)}")
+    if not (np.all(np.isfinite(xs_a)) and np.all(np.isfinite(means_a))):
+        raise ValueError(f"xs and means of {label!r} must be finite")
+    stds_a = np.array([np.nan if s is None else float(s) for s in stds])  # NaN: no bar for that point
+    if np.any(stds_a[~np.isnan(stds_a)] < 0):
+        raise ValueError(f"stds of {label!r} must be >= 0")
+    if ax is None:
+        fig = new_figure(figsize)
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    order = np.argsort(xs_a)
+    ax.errorbar(xs_a[order], means_a[order], yerr=stds_a[order], marker="o", capsize=3, label=label)
+    ax.set_xlabel(param_name)
+    ax.set_ylabel(metric_name)
+    ax.set_title(f"{metric_name} vs {param_name} (mean ± std over seeds)", fontsize=10)
+    ax.legend(fontsize=7)
+    return finish(fig, path, dpi)
+
+
+def convergence_figures(
+    runs: dict[str, str], *, results_dir: str | Path = "results", smooth: int = 20, dpi: int = 120
+) -> dict[str, Any]:
+    """The supplement's Fig. 3 from the logs of ``runs`` (label -> run folder name under results/runs)."""
+    from harmonic.engine.checkpoints import read_log  # engine pulls in torch and torchvision
+
+    results_dir = Path(results_dir)
+    logs = {}
+    for label, name in runs.items():
+        path = results_dir / "runs" / name / "log.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"run {name!r} ({label}) has no log at {path}: train it first (notebook 03)")
+        logs[label] = read_log(path)
+    fig = plot_training_curves(logs, smooth=smooth)
+    figure = save_figure(fig, results_dir / "figures" / "fig3_training_loss.png", dpi=dpi)
+    rows = []
+    for label, records in logs.items():
+        window = max(1, min(smooth, len(records) // 4))
+        first = float(np.mean([r["loss"] for r in records[:window]]))
+        last = float(np.mean([r["loss"] for r in records[-window:]]))
+        rows.append(f"| {label} | {len(records)} | {first:.4f} | {last:.4f} | {last / first:.3f} |")
+    table = "\n".join(["| run | iterations | mean loss, first window | mean loss, last window | ratio |",
+                       "|---|---|---|---|---|", *rows])
+    return {"figures": [figure], "summary_markdown": table, "logs": logs}

@@ -1,0 +1,133 @@
+"""Named grids of training runs, each one execution of notebook ``03_train_eval`` through papermill.
+
+``make sweep SWEEP=<name>`` (``python -m harmonic reproduce --sweep <name>``) runs every (variant, seed)
+of a grid. A run whose ``metrics.json`` exists is skipped, so an interrupted sweep resumes where it
+stopped; a run that fails is reported with the path of its executed notebook and the others go on. The
+sweep's status is written to ``results/sweeps/<name>.json``.
+
+Variants change only the loss options of the detector: the protocol is that the model, assigner,
+schedule and data stay the same, and only the loss changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harmonic.utils.files import atomic_write_json
+
+# Loss options per variant. Keys are DetectorConfig fields. Provenance of each in harmonic/models.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {"loss": "baseline"},
+    # the paper's ablation rows (Faster R-CNN in the paper [R]; cumulative)
+    "harmonic": {"loss": "harmonic", "hiou": False},
+    "harmonic_tc": {"loss": "harmonic", "hiou": False, "tc_weight": 1.0},
+    "harmonic_tc_iou": {"loss": "harmonic", "hiou": True, "hiou_gamma": 0.0, "tc_weight": 1.0},
+    "harmonic_tc_hiou": {"loss": "harmonic", "hiou": True, "hiou_gamma": 0.8, "tc_weight": 1.0},
+    # the method as the reproduction compares it: Harmonic + HIoU (alpha 1.5, gamma 0.8 [R])
+    "harmonic_hiou": {"loss": "harmonic", "hiou": True},
+    "harmonic_hiou_detached": {"loss": "harmonic", "hiou": True, "detach_factors": True},
+    "harmonic_hiou_gt_prob": {"loss": "harmonic", "hiou": True, "beta_c_source": "gt_prob"},
+    # comparison losses, RetinaNet only: our implementation of other papers' formulas [D]
+    # (GFL's quality focal loss, VarifocalNet's varifocal loss, IoU-balanced weights; harmonic.losses.comparison)
+    "qfl": {"loss": "qfl"},
+    "varifocal": {"loss": "varifocal"},
+    "iou_balanced": {"loss": "iou_balanced"},
+}
+for _g in (0.2, 0.4, 0.6, 0.8, 1.0):
+    VARIANTS[f"hiou_gamma_{_g}"] = {"loss": "harmonic", "hiou": True, "hiou_gamma": _g}
+for _a in (0.5, 1.0, 1.5, 2.0):
+    VARIANTS[f"hiou_alpha_{_a}"] = {"loss": "harmonic", "hiou": True, "hiou_weight": _a}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    archs: tuple[str, ...] = ("retinanet",)
+    parameters: dict[str, Any] = field(default_factory=dict)  # extra notebook parameters
+    description: str = ""
+
+    def runs(self) -> list[tuple[str, dict[str, Any]]]:
+        """(run name, notebook parameters) for every arch x seed x variant.
+
+        Seed-major order: the variants of one seed come together, so an interrupted or partial sweep
+        already holds complete pairs for the paired comparison.
+        """
+        out = []
+        for arch, seed, variant in itertools.product(self.archs, self.seeds, self.variants):
+            prefix = "" if self.archs == ("retinanet",) else f"{arch}-"
+            name = f"{self.name}-{prefix}{variant}-s{seed}"
+            params = dict(self.parameters)
+            params.update(
+                run_name=name, variant=variant, seed=seed, sweep=self.name, arch=arch, loss_options=VARIANTS[variant]
+            )
+            out.append((name, params))
+        return out
+
+
+SWEEPS: dict[str, Sweep] = {
+    s.name: s
+    for s in (
+        Sweep("ablation", ("baseline", "harmonic", "harmonic_tc", "harmonic_tc_iou", "harmonic_tc_hiou"),
+              description="the paper's ablation rows [R], on RetinaNet and the embedded default"),
+        Sweep("method", ("baseline", "harmonic_hiou"), description="baseline vs Harmonic + HIoU"),
+        Sweep("gamma", tuple(f"hiou_gamma_{g}" for g in (0.2, 0.4, 0.6, 0.8, 1.0)),
+              description="HIoU focusing parameter gamma (0.8 reported best [R])"),
+        Sweep("alpha", tuple(f"hiou_alpha_{a}" for a in (0.5, 1.0, 1.5, 2.0)),
+              description="HIoU weight alpha (1.5 reported best [R])"),
+        Sweep("factors", ("baseline", "harmonic_hiou", "harmonic_hiou_detached"),
+              description="harmonic factors differentiated through (supplement [S]) vs detached"),
+        Sweep("beta_c", ("baseline", "harmonic_hiou", "harmonic_hiou_gt_prob"),
+              description="beta_c for sigmoid heads: from the focal loss vs the ground-truth probability"),
+        Sweep("comparison", ("baseline", "harmonic_hiou", "qfl", "varifocal", "iou_balanced"),
+              description="Harmonic + HIoU vs the quality focal, varifocal and IoU-balanced losses [D], each a "
+              "loss-only swap in the same RetinaNet"),
+        # what `make reproduce` runs: the method against the baseline on a few seeds (CPU, minutes)
+        Sweep("default", ("baseline", "harmonic_hiou"), seeds=(0, 1, 2), parameters={"preset": "shapes-cpu"},
+              description="make reproduce: baseline vs Harmonic + HIoU, RetinaNet R18-FPN on the embedded default"),
+        # the same plumbing with a tiny schedule (tests)
+        Sweep("smoke", ("baseline", "harmonic_hiou"), seeds=(0,), parameters={"preset": "shapes-tiny"},
+              description="tests: the default profile's plumbing in seconds"),
+        # the paper's setting on COCO (make reproduce PROFILE=coco COCO_ROOT=...)
+        Sweep("coco", ("baseline", "harmonic_hiou"), seeds=(0,),
+              parameters={"preset": "coco-1x", "nproc_per_node": "auto"},
+              description="COCO 2017, RetinaNet R50-FPN, 1x schedule, every GPU of the machine"),
+        Sweep("detectors", ("baseline", "harmonic_hiou"), archs=("retinanet", "fcos", "faster_rcnn", "ssd"),
+              description="the loss on each detector family"),
+    )
+}
+
+
+def run_sweep(
+    sweep: Sweep, results_dir: str | Path, run_notebook: Callable[[str, dict[str, Any], Path], Any]
+) -> dict[str, Any]:
+    """Execute every run of ``sweep`` not already finished with ``run_notebook(stem, parameters, output)``
+    (:func:`harmonic.experiments.notebooks.run_notebook`); return (and write) the status of each."""
+    results_dir = Path(results_dir)
+    status: dict[str, Any] = {"sweep": sweep.name, "description": sweep.description, "runs": {}}
+    for name, params in sweep.runs():
+        run_dir = results_dir / "runs" / name
+        if (run_dir / "metrics.json").is_file():
+            status["runs"][name] = {"status": "skipped (finished)", "folder": str(run_dir)}
+            continue
+        params = dict(params, results_dir=str(results_dir))
+        notebook = run_dir / "03_train_eval.ipynb"
+        try:
+            run_notebook("03_train_eval", params, notebook)
+            status["runs"][name] = {"status": "done", "folder": str(run_dir)}
+        except Exception as err:  # noqa: BLE001 - a failed run must not stop the others
+            partial = getattr(err, "partial_path", None) or notebook
+            status["runs"][name] = {"status": "failed", "notebook": str(partial), "error": f"{type(err).__name__}: {err}"[:2000]}
+            print(f"[sweep {sweep.name}] run {name} failed; see {partial}: {type(err).__name__}")
+        atomic_write_json(results_dir / "sweeps" / f"{sweep.name}.json", status)
+    atomic_write_json(results_dir / "sweeps" / f"{sweep.name}.json", status)
+    return status
+
+
+def failed_runs(status: dict[str, Any]) -> list[str]:
+    return [name for name, s in status["runs"].items() if s["status"] == "failed"]

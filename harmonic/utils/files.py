@@ -1,0 +1,61 @@
+"""Result files that never end half-written: written beside the target, fsynced, then renamed over it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _atomic_write(path: str | Path, write) -> Path:
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; result files get the usual permissions
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return _atomic_write(path, lambda h: h.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return _atomic_write(path, lambda h: h.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """JSON with sorted keys; NaN/inf are refused (``allow_nan=False``) rather than written silently."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
+    return atomic_write_text(path, text + "\n")
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    import torch
+
+    return _atomic_write(path, lambda h: torch.save(obj, h))
+
+
+def _json_default(value: Any):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy / torch arrays and scalars
+        return value.tolist()
+    raise TypeError(f"object of type {type(value).__name__} is not JSON serializable")

@@ -1,0 +1,244 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harmonic.experiments.readme import markers
+from harmonic.experiments.report import (
+    HEADLINE,
+    SETTING_NOTE,
+    Run,
+    conclusion,
+    describe_runs,
+    load_runs,
+    load_sweep_runs,
+    markdown_differences,
+    markdown_paper,
+    markdown_runs,
+    markdown_setting,
+    markdown_summary,
+    markdown_verdict,
+    paired_differences,
+    report_markdown,
+    results_report,
+    summarize,
+    verdict,
+)
+from harmonic.theory.reported import ABLATION, ABLATION_VARIANTS, MAIN_TABLE
+
+
+def _write_run(root, name, variant, seed, ap, spearman=0.5, sweep="t"):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"variant": variant, "seed": seed, "sweep": sweep}))
+    metrics = {"coco": {"AP": ap, "AP50": ap + 0.1, "AP75": None}, "consistency": {"spearman": spearman}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    for seed, (b, h) in enumerate([(0.30, 0.33), (0.32, 0.34), (0.31, 0.35)]):
+        _write_run(tmp_path, f"baseline-s{seed}", "baseline", seed, b)
+        _write_run(tmp_path, f"harmonic-s{seed}", "harmonic", seed, h)
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "run.json").write_text("{}")
+    return tmp_path
+
+
+def test_summary_means_and_std(runs_dir):
+    runs = load_runs(runs_dir)
+    assert len(runs) == 6  # the unfinished folder is skipped
+    s = summarize(runs)
+    assert list(s) == ["baseline", "harmonic"]
+    assert s["baseline"]["AP"]["mean"] == pytest.approx(0.31)
+    assert s["baseline"]["AP"]["std"] == pytest.approx(0.01)
+    assert s["harmonic"]["AP"]["n"] == 3
+    assert s["harmonic"]["AP75"] == {"mean": None, "std": None, "n": 0}
+
+
+def test_paired_differences_and_interval(runs_dir):
+    d = paired_differences(load_runs(runs_dir))
+    e = d["harmonic"]["AP"]
+    # differences 0.03, 0.02, 0.04 -> mean 0.03, sd 0.01, t(0.975, 2) = 4.3027
+    assert e["mean"] == pytest.approx(0.03)
+    half = 4.302652729911275 * 0.01 / 3**0.5
+    assert e["low"] == pytest.approx(0.03 - half)
+    assert e["high"] == pytest.approx(0.03 + half)
+    assert "excludes zero" in verdict(d, "AP", "harmonic")
+    assert "improves" in verdict(d, "AP", "harmonic")
+    # spearman identical in all runs -> difference 0, interval degenerate but includes zero
+    assert "does not show" in verdict(d, "spearman", "harmonic")
+
+
+def test_markdown_tables_contain_the_numbers(runs_dir):
+    runs = load_runs(runs_dir)
+    text = markdown_summary(summarize(runs))
+    assert "| baseline | 3 | 31.0 ± 1.0 |" in text
+    assert "n/a" in text  # AP75 missing
+    assert "+3.0 [" in markdown_differences(paired_differences(runs))
+
+
+def test_bad_metrics_file_is_named(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"variant": "x", "seed": 0}))
+    (folder / "metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken"):
+        load_runs(tmp_path)
+
+
+def test_paper_tables_are_tagged_and_consistent():
+    assert all(r.tag == "[R]" for r in MAIN_TABLE)
+    assert {r.detector for r in MAIN_TABLE} >= {"Faster R-CNN R50-FPN", "RetinaNet R50"}
+    assert MAIN_TABLE[0].gain == pytest.approx(1.8)
+    assert [row for row, _ in ABLATION] == list(ABLATION_VARIANTS)
+
+
+BEGIN, END = markers("results")
+
+
+def _fake_run(root, name, variant, seed, ap, sweep="s"):
+    folder = root / "runs" / name
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"variant": variant, "seed": seed, "sweep": sweep}))
+    metrics = {"coco": {"AP": ap, "AP50": ap, "AP75": ap}, "consistency": {"spearman": 0.1 * seed}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    rng = np.random.default_rng(seed)
+    (folder / "score_iou.json").write_text(json.dumps({"scores": rng.random(20).tolist(), "ious": rng.random(20).tolist()}))
+
+
+def test_results_report_numbers_come_from_runs(tmp_path):
+    for seed, (b, h) in enumerate([(0.20, 0.25), (0.22, 0.26)]):
+        _fake_run(tmp_path, f"b{seed}", "baseline", seed, b)
+        _fake_run(tmp_path, f"h{seed}", "harmonic_hiou", seed, h)
+    _fake_run(tmp_path, "other", "baseline", 5, 0.9, sweep="other")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{BEGIN}\n{END}\n")
+    out = results_report(sweeps=["s"], results_dir=tmp_path, dpi=30, update_readme=readme)
+    md = out["markdown"]
+    assert "| baseline | 2 | 21.0 ± 1.4 |" in md  # mean 0.21, sd 0.01414 in percent; the other sweep is excluded
+    assert "+4.5" in md  # paired mean difference (0.05 + 0.04) / 2
+    assert "[R]" in md and "[D]" in md
+    assert (tmp_path / "report.md").read_text().strip() == md.strip()
+    assert len(out["figures"]) == 1 and out["figures"][0].is_file()
+    assert "+4.5" in readme.read_text()
+    assert out["written"] == [tmp_path / "report.md", tmp_path / "report.json", readme, *out["figures"]]
+    with pytest.raises(FileNotFoundError, match="no finished runs"):
+        results_report(sweeps=["missing"], results_dir=tmp_path)
+
+
+def test_results_report_draws_metric_vs_gamma_when_the_gamma_sweep_is_there(tmp_path):
+    for seed in (0, 1):
+        for gamma, ap in ((0.2, 0.20), (0.8, 0.24)):
+            _fake_run(tmp_path, f"g{gamma}-{seed}", f"hiou_gamma_{gamma}", seed, ap + 0.01 * seed, sweep="gamma")
+    out = results_report(sweeps=["gamma"], baseline="hiou_gamma_0.2", main_variant="hiou_gamma_0.8",
+                         results_dir=tmp_path, dpi=30)
+    assert any(p.name == "ap_vs_gamma.png" and p.is_file() for p in out["figures"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the steps notebook 05 shows one by one (results_report runs the same ones)
+# ----------------------------------------------------------------------------------------------------
+def test_load_sweep_runs_keeps_the_sweeps_and_refuses_none(tmp_path):
+    _fake_run(tmp_path, "b0", "baseline", 0, 0.2, sweep="s")
+    _fake_run(tmp_path, "h0", "harmonic_hiou", 0, 0.3, sweep="t")
+    _fake_run(tmp_path, "x0", "baseline", 1, 0.4, sweep="other")
+    assert [r.name for r in load_sweep_runs(tmp_path, ["s", "t"])] == ["b0", "h0"]
+    assert [r.name for r in load_sweep_runs(tmp_path, ("other",))] == ["x0"]
+    with pytest.raises(FileNotFoundError, match=r"no finished runs of sweeps \['nope'\]"):
+        load_sweep_runs(tmp_path, ["nope"])
+
+
+def test_markdown_runs_shows_each_run_as_recorded(runs_dir):
+    runs = load_runs(runs_dir)
+    assert describe_runs(runs) == "6 runs, 2 variants, seeds [0, 1, 2]"
+    text = markdown_runs(runs, metrics=("AP", "AP50", "AP75", "spearman"))
+    lines = text.splitlines()
+    assert lines[0] == "6 runs, 2 variants, seeds [0, 1, 2]:"
+    assert lines[2] == "| run | variant | seed | AP | AP50 | AP75 | score-IoU Spearman |"
+    rows = lines[4:]
+    # baseline first, then by seed; AP in percent, the missing AP75 as n/a
+    assert rows[0] == "| baseline-s0 | baseline | 0 | 30.0 | 40.0 | n/a | 0.500 |"
+    assert rows[3] == "| harmonic-s0 | harmonic | 0 | 33.0 | 43.0 | n/a | 0.500 |"
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| baseline-s0", "| baseline-s1", "| baseline-s2", "| harmonic-s0", "| harmonic-s1", "| harmonic-s2"]
+
+
+def _diffs(ap_diffs, variant="harmonic_hiou"):
+    runs = []
+    for seed, d in enumerate(ap_diffs):
+        runs += [Run(f"b{seed}", Path("."), "baseline", seed, "s", {"AP": 0.3}),
+                 Run(f"h{seed}", Path("."), variant, seed, "s", {"AP": 0.3 + d})]
+    return paired_differences(runs, metrics=("AP",))
+
+
+def test_conclusion_reads_the_ap_interval():
+    assert "supports the paper's claim" in conclusion(_diffs([0.03, 0.02, 0.04]), "harmonic_hiou")
+    lowered = conclusion(_diffs([-0.03, -0.02, -0.04]), "harmonic_hiou")
+    assert lowered.startswith("**Conclusion [D]:** on these runs, `harmonic_hiou` against `baseline`")
+    assert "lowers AP, and the interval excludes zero" in lowered
+    assert "does not show an AP difference" in conclusion(_diffs([0.03, -0.02, 0.01]), "harmonic_hiou")
+    assert "does not show an AP difference" in conclusion(_diffs([0.03]), "harmonic_hiou")  # one seed: no interval
+    assert conclusion(_diffs([0.03]), "other", "base") == "The variant `other` has no runs paired with `base` in these sweeps."
+
+
+def test_markdown_verdict_is_the_conclusion_then_one_verdict_per_metric(runs_dir):
+    diffs = paired_differences(load_runs(runs_dir))
+    lines = markdown_verdict(diffs, "harmonic").splitlines()
+    assert lines[0] == conclusion(diffs, "harmonic") and "supports" in lines[0]
+    assert lines[1] == ""
+    assert lines[2:] == [f"- {verdict(diffs, m, 'harmonic')}" for m in HEADLINE]
+    assert lines[2].startswith("- harmonic raises AP by 3.0, which improves it")
+    assert markdown_verdict(diffs, "missing") == "- The variant `missing` has no runs paired with `baseline` in these sweeps."
+
+
+def test_markdown_paper_puts_our_paired_gain_beside_the_paper(runs_dir):
+    runs = load_runs(runs_dir)
+    summary, diffs = summarize(runs), paired_differences(runs)
+    lines = markdown_paper(summary, diffs, "baseline", "harmonic").splitlines()
+    assert len(lines) == 2 + len(MAIN_TABLE) + 1
+    assert lines[2] == "| Faster R-CNN R50-FPN | COCO test-dev | 37.5 | 39.3 | +1.8 | [R] |"
+    # ours: baseline mean 31.0, with the method 31.0 + 3.0, paired difference +3.0 with its interval
+    half = 100 * 4.302652729911275 * 0.01 / 3**0.5
+    assert lines[-1] == (f"| RetinaNet R18-FPN, from scratch (ours) | generated shapes, val | 31.0 | 34.0 | "
+                         f"+3.0 [{3.0 - half:+.1f}, {3.0 + half:+.1f}] | [D] |")
+    assert len(markdown_paper(summary, diffs, "baseline", "missing").splitlines()) == 2 + len(MAIN_TABLE)
+
+
+def test_markdown_setting_sums_the_logged_times(tmp_path):
+    for seed in (0, 1):
+        _fake_run(tmp_path, f"b{seed}", "baseline", seed, 0.2)
+    runs = load_sweep_runs(tmp_path, ["s"])
+    assert markdown_setting(runs) == SETTING_NOTE  # no logs: no training time
+    for r, times in zip(runs, ([30.0, 30.0], [45.0, 15.0, 0.0])):
+        (r.folder / "log.jsonl").write_text("".join(json.dumps({"time": t}) + "\n" for t in times))
+    (runs[0].folder / "config.json").write_text(json.dumps(
+        {"provenance": {"device": {"device": "cpu", "cpu_count": 2, "torch_threads": 1}}}))
+    first, blank, note = markdown_setting(runs).split("\n")
+    assert first == ("Training time of these 2 runs: 2.0 minutes in all (sum of the logged iteration times; "
+                     "cpu, 2 CPU cores, 1 torch thread(s) per run) [D].")
+    assert blank == "" and note == SETTING_NOTE
+
+
+def test_results_report_writes_the_steps_in_order(tmp_path):
+    for seed, (b, h) in enumerate([(0.20, 0.25), (0.22, 0.26), (0.21, 0.24)]):
+        _fake_run(tmp_path, f"b{seed}", "baseline", seed, b)
+        _fake_run(tmp_path, f"h{seed}", "harmonic_hiou", seed, h)
+    out = results_report(sweeps=["s"], results_dir=tmp_path, dpi=30)
+    # the steps of the notebook, computed separately, are the report's sections, in order
+    runs = load_sweep_runs(tmp_path, ["s"])
+    summary, diffs = summarize(runs), paired_differences(runs)
+    steps = [markdown_summary(summary), markdown_differences(diffs), markdown_verdict(diffs, "harmonic_hiou"),
+             markdown_paper(summary, diffs, "baseline", "harmonic_hiou"), markdown_setting(runs)]
+    md = out["markdown"]
+    assert md == report_markdown(runs, summary, diffs)
+    positions = [md.index(step) for step in steps]
+    assert positions == sorted(positions)
+    assert md.startswith("### Our runs [D]: 6 runs, 2 variants, seeds [0, 1, 2]\n")
+    assert out["summary"] == summary and out["differences"] == diffs
+    assert out["written"] == [tmp_path / "report.md", tmp_path / "report.json", *out["figures"]]
+    assert (tmp_path / "report.md").read_text() == md + "\n"
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["runs"] == ["b0", "b1", "b2", "h0", "h1", "h2"]
+    assert data["differences"]["harmonic_hiou"]["AP"]["mean"] == pytest.approx(0.04)

@@ -1,0 +1,66 @@
+import json
+
+from harmonic.experiments.sweeps import SWEEPS, VARIANTS, Sweep, failed_runs, run_sweep
+from harmonic.models import DetectorConfig
+
+
+def test_every_sweep_names_known_variants_and_unique_runs():
+    for sweep in SWEEPS.values():
+        names = [name for name, _ in sweep.runs()]
+        assert len(names) == len(set(names)), sweep.name
+        for _, params in sweep.runs():
+            assert params["variant"] in VARIANTS
+            assert params["loss_options"] == VARIANTS[params["variant"]]
+    assert len(SWEEPS["detectors"].runs()) == 4 * 2 * 3
+
+
+def test_every_variant_is_a_valid_detector_config_for_its_sweeps_archs():
+    for sweep in SWEEPS.values():
+        for arch in sweep.archs:
+            for variant in sweep.variants:
+                cfg = DetectorConfig(arch=arch, num_classes=2, **VARIANTS[variant])
+                assert cfg.loss == VARIANTS[variant]["loss"], (sweep.name, arch, variant)
+
+
+def test_comparison_sweep_swaps_only_the_loss_on_retinanet():
+    sweep = SWEEPS["comparison"]
+    assert sweep.variants == ("baseline", "harmonic_hiou", "qfl", "varifocal", "iou_balanced")
+    assert sweep.archs == ("retinanet",)
+    for kind in ("qfl", "varifocal", "iou_balanced"):
+        assert VARIANTS[kind] == {"loss": kind}
+    assert len(sweep.runs()) == 5 * 3
+
+
+def test_ablation_rows_are_cumulative():
+    rows = [VARIANTS[v] for v in SWEEPS["ablation"].variants]
+    assert rows[0] == {"loss": "baseline"}
+    assert rows[2]["tc_weight"] > 0 and rows[3]["hiou_gamma"] == 0.0 and rows[4]["hiou_gamma"] == 0.8
+
+
+def test_run_sweep_skips_finished_and_survives_failures(tmp_path):
+    sweep = Sweep("t", ("baseline", "harmonic"), seeds=(0, 1))
+    done = tmp_path / "runs" / "t-baseline-s0"
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text("{}")
+    calls = []
+
+    def fake_run(stem, params, output):
+        calls.append(params["run_name"])
+        assert stem == "03_train_eval" and params["results_dir"] == str(tmp_path)
+        if params["run_name"] == "t-harmonic-s0":
+            raise RuntimeError("boom")
+        (tmp_path / "runs" / params["run_name"]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs" / params["run_name"] / "metrics.json").write_text("{}")
+
+    status = run_sweep(sweep, tmp_path, run_notebook=fake_run)
+    assert calls == ["t-harmonic-s0", "t-baseline-s1", "t-harmonic-s1"]  # seed-major: pairs complete together
+    assert status["runs"]["t-baseline-s0"]["status"].startswith("skipped")
+    assert failed_runs(status) == ["t-harmonic-s0"]
+    assert "boom" in status["runs"]["t-harmonic-s0"]["error"]
+    on_disk = json.loads((tmp_path / "sweeps" / "t.json").read_text())
+    assert on_disk == json.loads(json.dumps(status))
+    # a second pass re-runs only the failed one
+    calls.clear()
+    status = run_sweep(sweep, tmp_path, run_notebook=lambda stem, params, out: calls.append(params["run_name"]))
+    assert calls == ["t-harmonic-s0"]
+    assert failed_runs(status) == []

@@ -1,0 +1,150 @@
+"""The training-step benchmark section: what it writes and how its ratios are made. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import bench
+import pytest
+import torch
+
+from harmonic.engine import PRESETS
+
+VARIANTS = {"baseline", "harmonic_fused", "harmonic_reference"}
+
+
+@pytest.fixture
+def keep_threads():
+    """``bench.run`` sets torch's thread count for the process; put it back for the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_settings_follow_the_cpu_preset_and_add_resnet50_at_512_only_in_full_runs():
+    full = bench.train_step_settings(bench.BenchConfig.for_run(device="cpu"))
+    assert [setting["name"] for setting in full] == ["shapes_cpu", "r50_512"]
+    small, r50 = full
+    preset = PRESETS["shapes-cpu"]["detector"]
+    assert {key: small["detector"][key] for key in preset} == preset
+    assert small["image_size"] == 160 and small["batch"] == 2 and small["detector"]["num_classes"] == 5
+    assert r50["detector"] == {"arch": "retinanet", "backbone": "resnet50_fpn", "num_classes": 80,
+                               "min_size": 512, "max_size": 512}
+    assert r50["batch"] == 1 and r50["data"] == "random"
+
+    (quick,) = bench.train_step_settings(bench.BenchConfig.for_run(device="cpu", quick=True))
+    assert quick["image_size"] == 64 and quick["detector"]["min_size"] == quick["detector"]["max_size"] == 64
+    # anchors scaled with the image: 16 px at 160 px -> 6.4 px at 64 px
+    assert quick["detector"]["anchor_sizes"][0] == pytest.approx([16 * 0.4, 20 * 0.4, 25 * 0.4])
+
+
+def test_batches_are_deterministic_and_well_formed():
+    images, targets = bench._shapes_batch(64, 2, seed=3)
+    again, targets_again = bench._shapes_batch(64, 2, seed=3)
+    assert len(images) == 2 and images[0].shape == (3, 64, 64)
+    assert all(torch.equal(a, b) for a, b in zip(images, again))
+    for target, same in zip(targets, targets_again):
+        assert torch.equal(target["boxes"], same["boxes"]) and torch.equal(target["labels"], same["labels"])
+        boxes = target["boxes"]
+        assert len(boxes) >= 1 and bool((boxes[:, 2:] > boxes[:, :2]).all()) and float(boxes.max()) <= 64
+        assert 1 <= int(target["labels"].min()) and int(target["labels"].max()) <= 5
+    images, targets = bench._random_batch(96, 2, classes=80, boxes_per_image=5, seed=0)
+    assert images[1].shape == (3, 96, 96)
+    for target in targets:
+        boxes = target["boxes"]
+        assert boxes.shape == (5, 4) and bool((boxes[:, 2:] > boxes[:, :2]).all())
+        assert float(boxes.min()) >= 0 and float(boxes.max()) <= 96
+        assert 1 <= int(target["labels"].min()) and int(target["labels"].max()) <= 80
+
+
+@pytest.mark.slow
+def test_variants_start_from_the_same_weights_with_their_own_loss():
+    (setting,) = bench.train_step_settings(bench.BenchConfig.for_run(device="cpu", quick=True))
+    models = bench._step_models(setting["detector"], torch.device("cpu"), seed=0)
+    assert set(models) == VARIANTS
+    states = {name: model.state_dict() for name, model in models.items()}
+    for name in ("harmonic_fused", "harmonic_reference"):
+        assert states[name].keys() == states["baseline"].keys()
+        assert all(torch.equal(states[name][key], value) for key, value in states["baseline"].items())
+    heads = {name: model.head for name, model in models.items()}
+    assert heads["baseline"].options is None
+    assert heads["harmonic_fused"].options.fused is True and heads["harmonic_reference"].options.fused is False
+    assert heads["harmonic_fused"].options.hiou is True
+
+
+@pytest.mark.slow
+def test_quick_train_step_section_writes_times_memory_and_ratios(tmp_path, capsys, keep_threads):
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--sections", "train_step", "--out", str(out), "--device", "cpu", "--threads", "1",
+            "--repeats", "1"]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert list(result["sections"]) == ["train_step"]
+    section = result["sections"]["train_step"]
+    rows = {row["variant"]: row for row in section["rows"]}
+    assert set(rows) == VARIANTS and len(section["rows"]) == 3
+    assert {row["setting"] for row in section["rows"]} == {"shapes_cpu"}
+    for row in rows.values():
+        assert row["image_size"] == 64 and row["batch"] == 2 and row["backbone"] == "resnet18_fpn"
+        for key in ("median_ms", "q1_ms", "q3_ms", "min_ms", "peak_mb", "first_loss"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["variant"], key)
+        assert row["q1_ms"] <= row["median_ms"] <= row["q3_ms"]
+    base = rows["baseline"]
+    for row in rows.values():
+        assert row["over_baseline"] == pytest.approx(row["median_ms"] / base["median_ms"], rel=1e-12)
+        assert row["peak_over_baseline"] == pytest.approx(row["peak_mb"] / base["peak_mb"], rel=1e-12)
+    # same weights, same batch: the two Harmonic paths give one loss, the baseline another
+    fused, reference = rows["harmonic_fused"], rows["harmonic_reference"]
+    assert fused["first_loss"] == pytest.approx(reference["first_loss"], rel=1e-4)
+    assert abs(fused["first_loss"] - base["first_loss"]) > 1e-3 * base["first_loss"]
+
+    (summary,) = section["summary"]
+    assert summary["harmonic_fused_over_baseline"] == pytest.approx(fused["median_ms"] / base["median_ms"], rel=1e-12)
+    assert summary["harmonic_reference_over_baseline"] == pytest.approx(
+        reference["median_ms"] / base["median_ms"], rel=1e-12
+    )
+    assert summary["fused_over_reference"] == pytest.approx(fused["median_ms"] / reference["median_ms"], rel=1e-12)
+    assert summary["peak_harmonic_fused_over_baseline"] == pytest.approx(fused["peak_mb"] / base["peak_mb"], rel=1e-12)
+    assert summary["peak_harmonic_reference_over_baseline"] == pytest.approx(
+        reference["peak_mb"] / base["peak_mb"], rel=1e-12
+    )
+    assert summary["meets_time_target"] == (summary["harmonic_fused_over_baseline"] <= summary["target_time_ratio"])
+    assert summary["target_time_ratio"] == bench.TARGET_STEP_TIME_RATIO == 1.03
+    assert summary["target_peak_ratio"] == 1.0 and isinstance(summary["meets_memory_target"], bool)
+    assert summary["first_loss_rel_diff_fused_vs_reference"] < 1e-4
+    assert summary["positive_anchors"] >= 1
+    assert section["machine"]["torch_threads"] == 1
+    assert section["settings"]["detectors"]["shapes_cpu"]["fpn_channels"] == 64
+    printed = capsys.readouterr().out
+    assert "harmonic_reference" in printed and "harmonic_fused_over_baseline" in printed
+
+
+def test_readme_block_shows_the_measured_ratios(tmp_path):
+    from bench import readme_markdown
+
+    from harmonic.experiments.readme import markers, replace_block
+
+    bench_begin, bench_end = markers("bench")
+
+    result = {
+        "provenance": {"device": {"device": "cpu"}},
+        "sections": {
+            "dense_loss": {"machine": {"torch_threads": 1}, "summary": [
+                {"scale": 1.0, "anchors": 100000, "fused_backend": "native", "harmonic_fused_over_stock": 0.1862,
+                 "harmonic_fused_over_sigmoid": 8.139, "harmonic_reference_over_stock": 0.795}]},
+            "train_step": {"machine": {"torch_threads": 1}, "summary": [
+                {"setting": "shapes_cpu", "harmonic_fused_over_baseline": 1.0123,
+                 "harmonic_reference_over_baseline": 1.05, "peak_harmonic_fused_over_baseline": 0.999}]},
+        },
+    }
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{bench_begin}\nold\n{bench_end}\nbottom\n")
+    replace_block(readme, "bench", readme_markdown(result, tmp_path / "bench.json"))
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("top\n") and text.endswith("bottom\n")
+    assert "| 1 | 100000 | 0.19 | 8.14 | 0.80 |" in text and "(native backend)" in text
+    assert "| shapes_cpu | 1.012 | 1.050 | 0.999 |" in text
+    (tmp_path / "plain.md").write_text("no block")
+    with pytest.raises(ValueError, match="bench:begin"):
+        replace_block(tmp_path / "plain.md", "bench", "x")

@@ -1,0 +1,944 @@
+"""Benchmarks: ``python tools/bench.py --out results/bench.json [--quick]`` (what ``make bench`` runs).
+
+Each *section* is a function ``section(config) -> dict`` registered in :data:`SECTIONS`; every list of
+flat records in a section's dict is printed as a table by :func:`format_tables`, whatever the section,
+and the whole dict is written to the JSON file (atomically, with :func:`harmonic.utils.provenance.provenance`).
+
+Timings are taken side by side in one process: every round runs each method once (in a rotating order),
+after warm-up rounds, and the reported time is the median over rounds (with the quartiles). Medians of
+interleaved rounds are the fairest comparison on a shared machine, but absolute numbers still move with
+the machine's load: compare the ratios within one file, not across files.
+
+Sections:
+
+* ``dense_loss``: the dense part of a one-stage detector's loss, forward + backward, at RetinaNet scale
+  (100,000 anchors x 80 classes, 2,000 positives, on one 800-pixel image) and at 1/4 and 4 times that.
+  ``harmonic_fused`` is the whole Harmonic + HIoU loss of a RetinaNet head (``harmonic.dense``: focal
+  term over all anchors, L1 + HIoU on the positives, the harmonic factors, normalization) through the
+  fused focal loss, ``harmonic_reference`` the same through the reference composition; the issue's
+  targets are checked on ``harmonic_fused``. The yardsticks are torchvision's stock path (its
+  ``sigmoid_focal_loss`` over a one-hot target plus the generalized IoU loss of the positives' decoded
+  boxes, as in its FCOS) and one ``torch.sigmoid`` pass over the logits. Beside them, each backend of
+  :mod:`harmonic.fused` in place of torchvision's focal loss in the stock path (``fused_<backend>``),
+  and the reference composition (``harmonic.dense.focal_loss_per_anchor_reference``) likewise.
+  ``fused_eager_parallel_chunks`` is the eager backend with chunks above torch's parallel grain size,
+  timed to show why the default chunk stays below it (``harmonic.fused.CHUNK_ELEMENTS``).
+* ``train_step``: a whole training step (forward, loss, backward, SGD step) of RetinaNet with the
+  baseline loss, the Harmonic + HIoU loss through the fused dense path, and the same through the
+  reference dense path, from the same weights on the same batch: the "shapes-cpu" preset's ResNet-18-FPN
+  detector at 160 px (batch 2 of shapes images) and ResNet-50-FPN at 512 px (80 classes, random boxes).
+  Reports the median step time and the peak memory of each, and the harmonic/baseline ratios against
+  the issue's targets (time at most 1.03 times, peak memory no higher). ``--quick``: the small detector
+  at 64 px only.
+
+The machine's load average before and after each section is recorded beside its results: on a shared
+machine it explains most of the spread between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from harmonic.experiments.readme import replace_block
+
+__all__ = [
+    "BenchConfig",
+    "SECTIONS",
+    "add_arguments",
+    "dense_loss_section",
+    "format_tables",
+    "main",
+    "peak_memory_bytes",
+    "run",
+    "saved_tensor_bytes",
+    "time_interleaved",
+    "train_step_section",
+    "train_step_settings",
+]
+
+#: the issue's targets for the fused path (forward + backward), reported beside the measured ratios
+TARGET_FUSED_OVER_STOCK = 0.5
+TARGET_FUSED_OVER_SIGMOID = 4.0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What a benchmark run measures. ``quick``: tiny sizes and 2 rounds (for tests)."""
+
+    device: str = "cpu"
+    quick: bool = False
+    repeats: int = 7
+    warmup: int = 2
+    seed: int = 0
+    compile: bool = True
+    scales: tuple[float, ...] = (0.25, 1.0, 4.0)
+
+    threads: int | None = None
+
+    @classmethod
+    def for_run(cls, *, device: str = "cpu", quick: bool = False, **overrides: Any) -> BenchConfig:
+        """The defaults of a full run, or of a quick one (2 rounds, 1 warm-up, no compiling)."""
+        base = {"repeats": 2, "warmup": 1, "compile": False} if quick else {}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(device=device, quick=quick, **base)
+
+
+# ----------------------------------------------------------------------------------------------------
+# measuring
+# ----------------------------------------------------------------------------------------------------
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    methods: dict[str, Callable[[], object]], *, repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of every method, measured in interleaved rounds.
+
+    Each of ``warmup`` untimed rounds and ``repeats`` timed rounds calls every method once; the order
+    rotates from round to round so that no method always follows the same one. Returns the list of
+    per-round times of each method.
+    """
+    names = list(methods)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            _synchronize(device)
+            start = time.perf_counter()
+            methods[name]()
+            _synchronize(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _summary_ms(samples: list[float]) -> dict[str, float]:
+    """Median, quartiles and minimum in milliseconds."""
+    ordered = sorted(samples)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {
+        "median_ms": 1e3 * statistics.median(ordered),
+        "q1_ms": 1e3 * q1,
+        "q3_ms": 1e3 * q3,
+        "min_ms": 1e3 * ordered[0],
+    }
+
+
+def saved_tensor_bytes(fn: Callable[[], Tensor]) -> tuple[int, int]:
+    """``(count, bytes)`` of the tensors autograd saves for backward while ``fn()`` builds its graph.
+
+    Exact (``torch.autograd.graph.saved_tensors_hooks``); a tensor saved twice is counted twice, and
+    inputs that are saved count too (they are kept alive by the graph).
+    """
+    count = 0
+    total = 0
+
+    def pack(tensor: Tensor) -> Tensor:
+        nonlocal count, total
+        count += 1
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return count, total
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
+    """Peak of the bytes allocated while ``fn()`` runs, above what was allocated before; and the method.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (exact). CPU: from ``torch.profiler`` memory records at
+    operator granularity (each operator's own allocations counted at its start, its frees at its end),
+    so allocations freed inside one operator are not seen: an approximation, stated in the result.
+    """
+    if device.type == "cuda":
+        _synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, "torch.cuda.max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = []
+    for event in prof.events():
+        usage = event.self_cpu_memory_usage
+        if usage > 0:
+            changes.append((event.time_range.start, usage))
+        elif usage < 0:
+            changes.append((event.time_range.end, usage))
+    current = peak = 0
+    for _, usage in sorted(changes, key=lambda change: change[0]):
+        current += usage
+        peak = max(peak, current)
+    return peak, "torch.profiler operator memory records (operator granularity)"
+
+
+def _peak_bandwidth(device: torch.device) -> tuple[float | None, str]:
+    """The device's theoretical memory bandwidth in bytes/s where its properties allow computing it."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if clock_khz and bus_bits:
+        # double data rate: two transfers per clock
+        return 2.0 * clock_khz * 1e3 * bus_bits / 8.0, "2 * memory_clock_rate * memory_bus_width / 8"
+    return None, (
+        "torch.cuda.get_device_properties has no memory clock / bus width here: look up the device's "
+        "peak memory bandwidth to compare"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the dense loss section
+# ----------------------------------------------------------------------------------------------------
+#: RetinaNet on one 800-pixel image: about 100,000 anchors (ignored ones removed), 80 classes, 2,000
+#: positives (the issue's numbers)
+DENSE_FULL = {"anchors": 100_000, "classes": 80, "positives": 2_000}
+DENSE_QUICK = {"anchors": 400, "classes": 8, "positives": 12}
+#: chunk of the "fused_eager_parallel_chunks" method: 4 x torch's parallel grain size
+PARALLEL_CHUNK = 1 << 17
+#: the vs_sigmoid comparison runs this many times the configured rounds (its methods take milliseconds)
+SIGMOID_GROUP_ROUNDS = 3
+#: RetinaNet's classification-head prior: bias = -log((1 - 0.01) / 0.01)
+PRIOR_LOGIT = -math.log((1 - 0.01) / 0.01)
+
+
+def _dense_inputs(anchors: int, classes: int, positives: int, device: torch.device, seed: int) -> dict[str, Tensor]:
+    """Synthetic head outputs: logits around RetinaNet's prior (positives' target logits raised), the
+    anchors' classes (-1 negative), and decoded predicted / matched ground-truth boxes of the positives
+    in an 800 x 800 image."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = PRIOR_LOGIT + 1.5 * torch.randn(anchors, classes, generator=generator)
+    gt_classes = torch.full((anchors,), -1, dtype=torch.int64)
+    rows = torch.randperm(anchors, generator=generator)[:positives].sort().values
+    classes_of_rows = torch.randint(0, classes, (positives,), generator=generator)
+    gt_classes[rows] = classes_of_rows
+    logits[rows, classes_of_rows] += 3.0
+    xy = 700.0 * torch.rand(positives, 2, generator=generator)
+    wh = 16.0 + 84.0 * torch.rand(positives, 2, generator=generator)
+    target_boxes = torch.cat([xy, xy + wh], dim=1)
+    pred_boxes = target_boxes + 8.0 * torch.randn(positives, 4, generator=generator)
+    pred_boxes = torch.cat([pred_boxes[:, :2], torch.maximum(pred_boxes[:, 2:], pred_boxes[:, :2] + 1.0)], dim=1)
+    tensors = {
+        "logits": logits,
+        "gt_classes": gt_classes,
+        "rows": rows,
+        "pred_boxes": pred_boxes,
+        "target_boxes": target_boxes,
+    }
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
+
+
+#: RetinaNet's box loss stands in as an L1 on the boxes scaled by this (its encoded offsets are boxes
+#: divided by anchor sizes of this order)
+BOX_LOSS_SCALE = 1.0 / 100.0
+
+
+def _dense_methods(
+    inputs: dict[str, Tensor], backends: list[str]
+) -> tuple[dict[str, Callable[[], Tensor]], dict[str, Callable[[], Tensor]]]:
+    """``(forward + backward callables, forward-only callables returning the loss)`` of every method."""
+    import torch.nn.functional as F
+    from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+    from harmonic.models.head_loss import HarmonicOptions, dense_harmonic_loss
+    from harmonic.ops.focal import focal_loss_per_anchor, focal_loss_per_anchor_reference
+
+    logits, gt_classes, rows = inputs["logits"], inputs["gt_classes"], inputs["rows"]
+    pred_boxes, target_boxes = inputs["pred_boxes"], inputs["target_boxes"]
+
+    def leaves() -> tuple[Tensor, Tensor]:
+        return logits.detach().requires_grad_(), pred_boxes.detach().requires_grad_()
+
+    def box_term(boxes: Tensor) -> Tensor:
+        return generalized_box_iou_loss(boxes, target_boxes, reduction="sum")
+
+    def stock() -> Tensor:
+        # torchvision's heads: a one-hot target over all anchors, focal loss summed, GIoU on positives
+        x, boxes = leaves()
+        target = torch.zeros_like(x)
+        target[rows, gt_classes[rows]] = 1.0
+        return sigmoid_focal_loss(x, target, reduction="sum") + box_term(boxes)
+
+    def reference() -> Tensor:
+        x, boxes = leaves()
+        return focal_loss_per_anchor_reference(x, gt_classes).sum() + box_term(boxes)
+
+    def fused(backend: str) -> Callable[[], Tensor]:
+        def loss() -> Tensor:
+            x, boxes = leaves()
+            return focal_loss_per_anchor(x, gt_classes, backend=backend).sum() + box_term(boxes)
+
+        return loss
+
+    def harmonic(use_fused: bool) -> Callable[[], Tensor]:
+        # the whole per-image Harmonic + HIoU loss of a RetinaNet head (harmonic.dense): focal term over
+        # all anchors, L1 + HIoU on the positives, the harmonic factors, normalization
+        def loss() -> Tensor:
+            x, boxes = leaves()
+            box_loss = F.l1_loss(boxes, target_boxes, reduction="none").sum(1) * BOX_LOSS_SCALE
+            out = dense_harmonic_loss(x, gt_classes, box_loss, boxes, target_boxes, num_foreground=rows.numel(), options=HarmonicOptions(hiou=True, fused=use_fused))
+            return out["classification"] + out["bbox_regression"]
+
+        return loss
+
+    forward = {"stock": stock, "reference": reference}
+    forward.update({f"fused_{backend}": fused(backend) for backend in backends})
+
+    def fused_parallel_chunks() -> Tensor:
+        # the eager backend with chunks above torch's parallel grain size (see fused.CHUNK_ELEMENTS)
+        x, boxes = leaves()
+        return focal_loss_per_anchor(x, gt_classes, backend="eager", chunk_elements=PARALLEL_CHUNK).sum() + box_term(boxes)
+
+    forward["fused_eager_parallel_chunks"] = fused_parallel_chunks
+    forward["harmonic_reference"] = harmonic(False)
+    forward["harmonic_fused"] = harmonic(True)
+
+    def with_backward(loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        def step() -> Tensor:
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        return step
+
+    timed: dict[str, Callable[[], Tensor]] = {"sigmoid": lambda: torch.sigmoid(logits)}
+    timed.update({name: with_backward(fn) for name, fn in forward.items()})
+    return timed, forward
+
+
+def _check_agreement(forward: dict[str, Callable[[], Tensor]]) -> dict[str, float]:
+    """Relative difference of each method's loss value from the one it must equal: the stock value for
+    the focal + GIoU methods, the reference composition's for ``harmonic_fused``."""
+    with torch.no_grad():
+        values = {name: float(fn()) for name, fn in forward.items()}
+    differences = {}
+    for name, value in values.items():
+        truth = values["harmonic_reference"] if name.startswith("harmonic") else values["stock"]
+        if name not in ("stock", "harmonic_reference"):
+            differences[name] = abs(value - truth) / max(abs(truth), 1e-30)
+    return differences
+
+
+def _compile_backend(inputs: dict[str, Tensor]) -> tuple[bool, float, str | None]:
+    """Compile the fused kernel once (untimed in the comparisons): ``(works, seconds, failure)``."""
+    import warnings
+
+    from harmonic.ops import focal as fused
+
+    x = inputs["logits"].detach().requires_grad_()
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused.focal_loss_per_anchor(x, inputs["gt_classes"], backend="compile").sum().backward()
+    seconds = time.perf_counter() - start
+    failures = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return (not failures), seconds, (failures[0] if failures else None)
+
+
+def dense_loss_section(config: BenchConfig) -> dict[str, Any]:
+    """Forward + backward of the dense loss at each scale; see the module docstring.
+
+    Returns ``{"title", "rows" (one per scale and method: times, ratios, memory), "summary" (one per
+    scale: the fused/stock and fused/sigmoid ratios against the targets), "notes", "settings"}``.
+    """
+    from harmonic.ops.focal import active_backend
+
+    device = torch.device(config.device)
+    size = DENSE_QUICK if config.quick else DENSE_FULL
+    rows_out: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    notes: list[str] = []
+    default = active_backend(None, device)
+    peak_method = ""
+    for scale in config.scales:
+        anchors = max(2, round(size["anchors"] * scale))
+        positives = max(1, round(size["positives"] * scale))
+        classes = size["classes"]
+        inputs = _dense_inputs(anchors, classes, positives, device, config.seed)
+        backends = ["native", "eager"] if active_backend("native", device) == "native" else ["eager"]
+        compile_seconds = None
+        if config.compile:
+            works, compile_seconds, failure = _compile_backend(inputs)
+            if works:
+                backends.append("compile")
+            elif failure and not any(failure in note for note in notes):
+                notes.append(f"compile backend unavailable, not timed: {failure}")
+        timed, forward = _dense_methods(inputs, backends)
+        agreement = _check_agreement(forward)
+        # two comparisons, each timed side by side in its own interleaved rounds: against the stock path
+        # (every method but the sigmoid) and against one sigmoid pass (the small-memory methods only, so
+        # that the stock path's gigabyte allocations do not disturb the caches and the allocator of the
+        # yardstick's own rounds)
+        default_name = f"fused_{default}"
+        groups = {
+            "vs_stock": [name for name in timed if name != "sigmoid"],
+            "vs_sigmoid": ["sigmoid", "harmonic_fused", default_name],
+        }
+        stats: dict[str, dict[str, dict[str, float]]] = {}
+        for group, names in groups.items():
+            # the small-memory group's rounds are cheap: three times as many steady its medians
+            repeats = config.repeats * (SIGMOID_GROUP_ROUNDS if group == "vs_sigmoid" else 1)
+            samples = time_interleaved(
+                {name: timed[name] for name in names}, repeats=repeats, warmup=config.warmup, device=device
+            )
+            stats[group] = {name: _summary_ms(times) for name, times in samples.items()}
+        stock_ms = stats["vs_stock"]["stock"]["median_ms"]
+        sigmoid_ms = stats["vs_sigmoid"]["sigmoid"]["median_ms"]
+        peaks: dict[str, float] = {}
+        for group, names in groups.items():
+            for name in names:
+                if name not in peaks:
+                    peak, peak_method = peak_memory_bytes(timed[name], device)
+                    peaks[name] = peak / 2**20
+                median = stats[group][name]["median_ms"]
+                row = {
+                    "scale": scale,
+                    "anchors": anchors,
+                    "classes": classes,
+                    "positives": positives,
+                    "group": group,
+                    "method": name,
+                    **stats[group][name],
+                    ("over_stock" if group == "vs_stock" else "over_sigmoid"): median
+                    / (stock_ms if group == "vs_stock" else sigmoid_ms),
+                    "peak_mb": peaks[name],
+                }
+                if name != "sigmoid":
+                    count, saved = saved_tensor_bytes(forward[name])
+                    row["saved_tensors"] = count
+                    row["saved_mb"] = saved / 2**20
+                    row["rel_diff"] = agreement.get(name, 0.0)
+                if name.startswith("fused") and device.type == "cuda":
+                    # the least traffic a fused forward + backward needs: read the logits and write the
+                    # derivative (forward), read it and write the gradient (backward)
+                    moved = 4 * inputs["logits"].numel() * inputs["logits"].element_size()
+                    row["effective_gb_per_s"] = moved / (median * 1e-3) / 1e9
+                rows_out.append(row)
+        versus_stock = stats["vs_stock"]
+        harmonic_over_stock = versus_stock["harmonic_fused"]["median_ms"] / stock_ms
+        harmonic_over_sigmoid = stats["vs_sigmoid"]["harmonic_fused"]["median_ms"] / sigmoid_ms
+        entry = {
+            "scale": scale,
+            "anchors": anchors,
+            "fused_backend": default,
+            "harmonic_fused_over_stock": harmonic_over_stock,
+            "harmonic_fused_over_sigmoid": harmonic_over_sigmoid,
+            "harmonic_reference_over_stock": versus_stock["harmonic_reference"]["median_ms"] / stock_ms,
+            "reference_over_stock": versus_stock["reference"]["median_ms"] / stock_ms,
+            "target_fused_over_stock": TARGET_FUSED_OVER_STOCK,
+            "target_fused_over_sigmoid": TARGET_FUSED_OVER_SIGMOID,
+            "meets_stock_target": harmonic_over_stock <= TARGET_FUSED_OVER_STOCK,
+            "meets_sigmoid_target": harmonic_over_sigmoid <= TARGET_FUSED_OVER_SIGMOID,
+            f"{default_name}_over_sigmoid": stats["vs_sigmoid"][default_name]["median_ms"] / sigmoid_ms,
+        }
+        for backend in backends:
+            name = f"fused_{backend}"
+            entry[f"{name}_over_stock"] = versus_stock[name]["median_ms"] / stock_ms
+        if compile_seconds is not None:
+            entry["compile_s"] = compile_seconds
+        summary.append(entry)
+        del inputs, timed, forward
+    notes.append(f"memory: {peak_method}")
+    notes.append(
+        "stock = torchvision sigmoid_focal_loss(sum) over a one-hot target + generalized_box_iou_loss(sum); "
+        "reference = harmonic.dense.focal_loss_per_anchor_reference(...).sum() + the same GIoU; "
+        "fused_<backend> = harmonic.fused.focal_loss_per_anchor(..., backend).sum() + the same GIoU; "
+        "harmonic_fused / harmonic_reference = the whole Harmonic + HIoU loss of a RetinaNet head "
+        "(harmonic.dense.dense_harmonic_loss with fused=True / False; box loss = L1 of the boxes / 100); "
+        "sigmoid = one torch.sigmoid pass over the logits (forward only)"
+    )
+    notes.append("targets (fused / stock <= 0.5, fused / sigmoid <= 4) are checked on harmonic_fused")
+    notes.append(
+        "group vs_stock: every method but the sigmoid, interleaved; group vs_sigmoid: the sigmoid, "
+        f"harmonic_fused and the default fused focal loss, interleaved in {SIGMOID_GROUP_ROUNDS} times as many "
+        "rounds of their own"
+    )
+    notes.append(f"default fused backend on {device.type}: {default} (harmonic_fused uses it)")
+    if device.type == "cpu":
+        from harmonic.ops import native
+
+        built = native.info()
+        if built["available"]:
+            notes.append(
+                f"native kernel: {built['compiler']} {built['flags']}, "
+                f"{'AVX-512 loop' if built['avx512'] else 'portable loop'}"
+            )
+        else:
+            notes.append(f"native backend unavailable, not timed: {built['failure']}")
+    if device.type == "cuda":
+        peak_bw, how = _peak_bandwidth(device)
+        if peak_bw is not None:
+            for row in rows_out:
+                if "effective_gb_per_s" in row:
+                    row["fraction_of_peak_bandwidth"] = row["effective_gb_per_s"] * 1e9 / peak_bw
+            notes.append(f"peak bandwidth {peak_bw / 1e9:.0f} GB/s from {how}")
+        else:
+            notes.append(how)
+    notes.append(
+        "fused_eager_parallel_chunks = the eager backend with chunk_elements = "
+        f"{PARALLEL_CHUNK} (above torch's parallel grain size)"
+    )
+    return {
+        "title": "dense loss, forward + backward (median of interleaved rounds)",
+        "rows": rows_out,
+        "summary": summary,
+        "notes": notes,
+        "settings": {"size_at_scale_1": size, "logit_prior": PRIOR_LOGIT, **asdict(config)},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# the training-step section
+# ----------------------------------------------------------------------------------------------------
+#: the issue's targets for the Harmonic + HIoU loss against the baseline loss, whole training step
+TARGET_STEP_TIME_RATIO = 1.03
+TARGET_STEP_PEAK_RATIO = 1.0
+#: slack of the memory flag: the Harmonic head keeps a few detached statistics (scalar tensors) after each
+#: step, so its peak can exceed the baseline's by bytes where nothing else differs [D]
+STEP_PEAK_SLACK = 0.005
+#: the loss variants, as DetectorConfig fields: the host's own losses, and the Harmonic loss with the HIoU
+#: term through the fused dense path and through the reference (non-fused) one
+STEP_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {"loss": "baseline"},
+    "harmonic_fused": {"loss": "harmonic", "hiou": True, "fused": True},
+    "harmonic_reference": {"loss": "harmonic", "hiou": True, "fused": False},
+}
+#: the optimizer of a step: the training engine's defaults (SGD lr 0.01, momentum 0.9, weight decay 1e-4)
+#: and the "shapes-cpu" preset's gradient clipping
+STEP_SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
+STEP_GRAD_CLIP = 10.0
+#: synthetic targets of the ResNet-50 setting: this many boxes per image, 80 classes (COCO's number)
+R50_BOXES_PER_IMAGE = 5
+R50_CLASSES = 80
+
+
+def _shapes_batch(image_size: int, batch: int, seed: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """``batch`` images of the shapes dataset drawn in memory at ``image_size`` pixels (deterministic in
+    ``seed``), with xyxy boxes and labels 1..5; an image that came out without objects is redrawn."""
+    import numpy as np
+
+    from harmonic.data.shapes import ShapesParams, render_shapes_image
+
+    params = ShapesParams(image_size=image_size).validate()
+    rng = np.random.default_rng(seed)
+    images, targets = [], []
+    while len(images) < batch:
+        pixels, objects = render_shapes_image(rng, params)
+        if not objects:
+            continue
+        xywh = torch.tensor([obj["box"] for obj in objects], dtype=torch.float32)
+        images.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0))
+        targets.append({
+            "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
+            "labels": torch.tensor([obj["category"] + 1 for obj in objects], dtype=torch.int64),
+        })
+    return images, targets
+
+
+def _random_batch(
+    image_size: int, batch: int, classes: int, boxes_per_image: int, seed: int
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Uniform-noise images with ``boxes_per_image`` random boxes (8 % to 30 % of the side) each, labels
+    drawn from 1..``classes``; deterministic in ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(batch):
+        images.append(torch.rand(3, image_size, image_size, generator=generator))
+        wh = image_size * (0.08 + 0.22 * torch.rand(boxes_per_image, 2, generator=generator))
+        xy = (image_size - wh) * torch.rand(boxes_per_image, 2, generator=generator)
+        labels = torch.randint(1, classes + 1, (boxes_per_image,), generator=generator)
+        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1), "labels": labels})
+    return images, targets
+
+
+def train_step_settings(config: BenchConfig) -> list[dict[str, Any]]:
+    """The detectors and batches the training-step section times.
+
+    * ``shapes_cpu``: the "shapes-cpu" training preset's detector (RetinaNet ResNet-18-FPN, 160 px, 64 FPN
+      channels, its anchor sizes), batch 2 of shapes images. Quick runs: 64 px, anchors scaled by 64/160.
+    * ``r50_512`` (full runs only): RetinaNet ResNet-50-FPN, torchvision's 256 FPN channels and anchors,
+      ``min_size = max_size = 512``, 80 classes, no pretrained weights; batch 2 on CUDA, 1 on the CPU (a
+      step there takes seconds), of noise images with :data:`R50_BOXES_PER_IMAGE` random boxes each.
+
+    Returns one dict per setting: ``name``, ``detector`` (DetectorConfig fields, loss options left out),
+    ``image_size``, ``batch``, ``data`` ("shapes" or "random").
+    """
+    from harmonic.data.shapes import CATEGORIES
+    from harmonic.engine import PRESETS
+
+    preset = dict(PRESETS["shapes-cpu"]["detector"])
+    preset_size = preset["min_size"]
+    size = 64 if config.quick else preset_size
+    detector = {**preset, "num_classes": len(CATEGORIES), "min_size": size, "max_size": size}
+    if size != preset_size:
+        detector["anchor_sizes"] = [[s * size / preset_size for s in level] for level in preset["anchor_sizes"]]
+    settings = [{"name": "shapes_cpu", "detector": detector, "image_size": size, "batch": 2, "data": "shapes"}]
+    if not config.quick:
+        settings.append({
+            "name": "r50_512",
+            "detector": {"arch": "retinanet", "backbone": "resnet50_fpn", "num_classes": R50_CLASSES,
+                         "min_size": 512, "max_size": 512},
+            "image_size": 512,
+            "batch": 2 if torch.device(config.device).type == "cuda" else 1,
+            "data": "random",
+        })
+    return settings
+
+
+def _step_models(detector: dict[str, Any], device: torch.device, seed: int) -> dict[str, torch.nn.Module]:
+    """One detector per loss variant, all with the weights of the first (built from ``seed``)."""
+    from harmonic.models import DetectorConfig, build_detector
+
+    models: dict[str, torch.nn.Module] = {}
+    state = None
+    for name, loss_fields in STEP_VARIANTS.items():
+        torch.manual_seed(seed)
+        model = build_detector(DetectorConfig(**detector, **loss_fields))
+        if state is None:
+            state = model.state_dict()
+        else:
+            model.load_state_dict(state, strict=True)
+        models[name] = model.to(device).train()
+    return models
+
+
+def _step_function(
+    model: torch.nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]], losses: list[float], where: str
+) -> Callable[[], float]:
+    """One training step of ``model`` on the batch, as the training engine takes it: forward (losses),
+    backward of their sum, gradient clipping, an SGD step; the total loss is read back (as the engine does
+    for its log) and appended to ``losses``. Gradients are set to None at the end of the step, so every
+    step starts without them (and the CPU memory records see every allocation of the step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, **STEP_SGD)
+
+    def step() -> float:
+        loss_dict = model(images, targets)
+        total = sum(loss_dict.values())
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, STEP_GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(total.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"train_step {where}: non-finite loss {value} at step {len(losses) + 1}")
+        losses.append(value)
+        return value
+
+    return step
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator > 0 else None
+
+
+def train_step_section(config: BenchConfig) -> dict[str, Any]:
+    """A whole training step (forward, loss, backward, SGD step) with the baseline loss and with the
+    Harmonic loss (supplement Eq. 1 [S]) plus the HIoU term (Eq. 11-13 [S]), fused and reference dense
+    paths, side by side in one process; see :func:`train_step_settings` for the detectors.
+
+    The variants start from the same weights (one state_dict) on the same batch and take their steps in
+    interleaved rounds (:func:`time_interleaved`) after warm-up rounds; then one more step each is measured
+    for peak memory (:func:`peak_memory_bytes`, the increase over the step's start). Returns ``{"title",
+    "rows" (one per setting and variant: times, ratio to the baseline, peak memory, the first step's
+    loss), "summary" (one per setting: harmonic/baseline ratios of time and peak memory against the
+    targets, and the relative difference of the fused and reference first-step losses), "notes",
+    "settings"}``.
+    """
+    import gc
+
+    from harmonic.models import get_stats
+
+    device = torch.device(config.device)
+    rows_out: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    peak_method = ""
+    settings = train_step_settings(config)
+    for setting in settings:
+        name, detector = setting["name"], setting["detector"]
+        if setting["data"] == "shapes":
+            images, targets = _shapes_batch(setting["image_size"], setting["batch"], config.seed)
+        else:
+            images, targets = _random_batch(
+                setting["image_size"], setting["batch"], detector["num_classes"], R50_BOXES_PER_IMAGE, config.seed
+            )
+        images = [image.to(device) for image in images]
+        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+        models = _step_models(detector, device, config.seed)
+        losses: dict[str, list[float]] = {variant: [] for variant in models}
+        steps = {
+            variant: _step_function(model, images, targets, losses[variant], f"{name}/{variant}")
+            for variant, model in models.items()
+        }
+        samples = time_interleaved(steps, repeats=config.repeats, warmup=config.warmup, device=device)
+        stats = {variant: _summary_ms(times) for variant, times in samples.items()}
+        peaks = {}
+        for variant, step in steps.items():
+            peaks[variant], peak_method = peak_memory_bytes(step, device)
+        base_ms, base_peak = stats["baseline"]["median_ms"], peaks["baseline"]
+        for variant in models:
+            rows_out.append({
+                "setting": name,
+                "backbone": detector["backbone"],
+                "image_size": setting["image_size"],
+                "batch": setting["batch"],
+                "classes": detector["num_classes"],
+                "variant": variant,
+                **stats[variant],
+                "over_baseline": stats[variant]["median_ms"] / base_ms,
+                "peak_mb": peaks[variant] / 2**20,
+                "peak_over_baseline": _ratio(peaks[variant], base_peak),
+                "first_loss": losses[variant][0],
+            })
+        fused_ratio = stats["harmonic_fused"]["median_ms"] / base_ms
+        fused_peak_ratio = _ratio(peaks["harmonic_fused"], base_peak)
+        first_fused, first_reference = losses["harmonic_fused"][0], losses["harmonic_reference"][0]
+        entry = {
+            "setting": name,
+            "harmonic_fused_over_baseline": fused_ratio,
+            "harmonic_reference_over_baseline": stats["harmonic_reference"]["median_ms"] / base_ms,
+            "fused_over_reference": stats["harmonic_fused"]["median_ms"] / stats["harmonic_reference"]["median_ms"],
+            "peak_harmonic_fused_over_baseline": fused_peak_ratio,
+            "peak_harmonic_reference_over_baseline": _ratio(peaks["harmonic_reference"], base_peak),
+            "target_time_ratio": TARGET_STEP_TIME_RATIO,
+            "target_peak_ratio": TARGET_STEP_PEAK_RATIO,
+            "meets_time_target": fused_ratio <= TARGET_STEP_TIME_RATIO,
+            "meets_memory_target": (
+                fused_peak_ratio is not None and fused_peak_ratio <= TARGET_STEP_PEAK_RATIO + STEP_PEAK_SLACK
+            ),
+            "peak_harmonic_fused_minus_baseline_mb": (peaks["harmonic_fused"] - base_peak) / 2**20,
+            "first_loss_rel_diff_fused_vs_reference": abs(first_fused - first_reference) / max(abs(first_reference), 1e-30),
+        }
+        positives = get_stats(models["harmonic_fused"]).get("num_positives")
+        if positives is not None:
+            entry["positive_anchors"] = int(positives)
+        summary.append(entry)
+        del models, steps, images, targets
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    notes = [
+        "variants: baseline = DetectorConfig(loss='baseline') (torchvision's focal + L1 losses); "
+        "harmonic_fused / harmonic_reference = DetectorConfig(loss='harmonic', hiou=True, fused=True / False)",
+        "step = forward (losses), backward of their sum, clip_grad_norm_(10), SGD(lr 0.01, momentum 0.9, "
+        "weight decay 1e-4) step, gradients set to None, total loss read back; all variants start from the "
+        "same weights on the same batch",
+        f"memory: {peak_method}; increase over the step's start (weights and momentum buffers excluded)"
+        + ("" if device.type == "cuda" else "; approximate"),
+        f"targets: harmonic_fused/baseline time <= {TARGET_STEP_TIME_RATIO}, peak memory <= "
+        f"{TARGET_STEP_PEAK_RATIO} (the meets_* flags judge the fused path; the memory flag allows "
+        f"{STEP_PEAK_SLACK:.1%}: the Harmonic head keeps a few scalar statistics after each step)",
+    ]
+    if not config.quick:
+        notes.append("r50_512: noise images with random boxes, no pretrained weights; batch 1 on the CPU, 2 on CUDA")
+    return {
+        "title": "training step: forward, loss, backward, SGD step (median of interleaved rounds)",
+        "rows": rows_out,
+        "summary": summary,
+        "notes": notes,
+        "settings": {
+            "detectors": {setting["name"]: setting["detector"] for setting in settings},
+            "variants": STEP_VARIANTS,
+            "sgd": STEP_SGD,
+            "grad_clip": STEP_GRAD_CLIP,
+            **asdict(config),
+        },
+    }
+
+
+#: section name -> function(config) -> dict; every list of flat records in the dict is printed as a table
+SECTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
+    "dense_loss": dense_loss_section,
+    "train_step": train_step_section,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------------
+def _format_value(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def format_tables(name: str, section: dict[str, Any]) -> str:
+    """Every list of flat records (dicts of scalars) in ``section`` as a text table, and every dict's
+    scalar entries on one line: any section, whatever its keys."""
+    lines = [f"== {name}: {section.get('title', '')}"]
+    for key, value in section.items():
+        if isinstance(value, dict):
+            scalars = [f"{k}={_format_value(v)}" for k, v in value.items() if not isinstance(v, (dict, list))]
+            if scalars:
+                lines.append(f"-- {key}: " + " ".join(scalars))
+            continue
+        if not (isinstance(value, list) and value and all(isinstance(item, dict) for item in value)):
+            continue
+        columns: list[str] = []
+        for record in value:
+            columns.extend(column for column in record if column not in columns and not isinstance(record[column], (dict, list)))
+        cells = [[_format_value(record.get(column, "")) for column in columns] for record in value]
+        widths = [max(len(column), *(len(row[i]) for row in cells)) for i, column in enumerate(columns)]
+        lines.append(f"-- {key}")
+        lines.append("  ".join(column.rjust(width) for column, width in zip(columns, widths)))
+        lines.extend("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells)
+    for note in section.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _check_finite(obj: object, where: str = "") -> None:
+    """Refuse to write a result with NaN or inf in it (name the field)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"benchmark result {where or '<root>'} is {obj}")
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_finite(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, list):
+        for index, value in enumerate(obj):
+            _check_finite(value, f"{where}[{index}]")
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        import os
+
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser, command_name: str = "bench") -> None:
+    """The benchmark's options (shared by ``python tools/bench.py`` and a CLI command)."""
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write (atomically)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds, no compiling (for tests)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, else cpu)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
+    parser.add_argument("--repeats", type=_positive_int, default=None, help="timed rounds (default 7, quick 2)")
+    parser.add_argument("--warmup", type=_positive_int, default=None, help="untimed rounds (default 2, quick 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch.set_num_threads for the run (default: torch's own choice)")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="also refresh the measured ratios in this README's bench block")
+    compile_group = parser.add_mutually_exclusive_group()
+    compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
+                               help="also time the torch.compile backend (default: yes unless --quick)")
+    compile_group.add_argument("--no-compile", dest="compile", action="store_false")
+
+
+def run(args: argparse.Namespace, command_name: str = "bench") -> int:
+    """Run the selected sections, print their tables and write the JSON file; returns the exit code."""
+    from harmonic.utils.files import atomic_write_json
+    from harmonic.utils.provenance import provenance
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available here")
+    names = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise SystemExit(f"--sections: unknown section(s) {unknown or names}; choose from {list(SECTIONS)}")
+    config = BenchConfig.for_run(
+        device=device, quick=args.quick, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+        compile=args.compile, threads=args.threads,
+    )
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    sections = {}
+    for name in names:
+        load_before = _load_average()
+        sections[name] = SECTIONS[name](config)
+        sections[name]["machine"] = {
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1min_before": load_before,
+            "load_average_1min_after": _load_average(),
+        }
+        print(format_tables(name, sections[name]), flush=True)
+    record = provenance(asdict(config), seed=config.seed, device=device)
+    # ``python -m`` puts this file's absolute path in argv[0]: keep the machine's paths out of results
+    record["argv"] = ["python tools/bench.py", *[str(arg) for arg in getattr(args, "argv", sys.argv[1:])]]
+    result = {"provenance": record, "sections": sections}
+    _check_finite(result)
+    path = atomic_write_json(args.out, result)
+    print(f"wrote {path}")
+    if getattr(args, "readme", None) is not None:
+        replace_block(args.readme, "bench", readme_markdown(result, Path(args.out)))
+        print(f"refreshed the bench block of {args.readme}")
+    return 0
+
+
+def readme_markdown(result: dict, json_path: Path) -> str:
+    """The README's bench block: the ratios of each section's summary, as measured (never typed)."""
+    lines = [f"Measured by `make bench` ({json_path.as_posix()}); device: "
+             f"{result['provenance']['device'].get('device')}, torch threads: "
+             f"{next(iter(result['sections'].values()))['machine']['torch_threads']}.", ""]
+    dense = result["sections"].get("dense_loss")
+    if dense:
+        lines += ["Dense loss, forward + backward: the whole Harmonic + HIoU loss of a RetinaNet head through the "
+                  f"fused path ({dense['summary'][0]['fused_backend']} backend), against torchvision's stock "
+                  "focal + GIoU and against one `torch.sigmoid` pass over the same logits.", "",
+                  "| scale | anchors | Harmonic fused / stock (target <= 0.5) | Harmonic fused / one sigmoid pass "
+                  "(target <= 4) | Harmonic reference / stock |", "|---|---|---|---|---|"]
+        for row in dense["summary"]:
+            lines.append(f"| {row['scale']:g} | {row['anchors']} | {row['harmonic_fused_over_stock']:.2f} | "
+                         f"{row['harmonic_fused_over_sigmoid']:.2f} | {row['harmonic_reference_over_stock']:.2f} |")
+        lines.append("")
+    step = result["sections"].get("train_step")
+    if step:
+        lines += ["| training step | Harmonic+HIoU fused / baseline time (target <= 1.03) | reference / baseline | "
+                  "peak memory fused / baseline (target <= 1) |", "|---|---|---|---|"]
+        for row in step["summary"]:
+            lines.append(f"| {row.get('setting', row.get('name', '?'))} | {row['harmonic_fused_over_baseline']:.3f} | "
+                         f"{row['harmonic_reference_over_baseline']:.3f} | {row['peak_harmonic_fused_over_baseline']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tools/bench.py", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
