@@ -143,16 +143,19 @@ def run_notebook(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output_path.stem}.", suffix=".partial.ipynb", dir=output_path.parent)
     os.close(fd)
     tmp_path = Path(tmp_name)
+    kernel_log = output_path.with_name(f"{output_path.stem}.kernel.log")
     try:
-        papermill.execute_notebook(
-            str(source),
-            str(tmp_path),
-            parameters=parameters,
-            kernel_name=KERNEL_NAME,
-            cwd=str(ROOT),
-            log_output=False,
-            progress_bar=progress_bar,
-        )
+        with open(kernel_log, "wb") as log:
+            papermill.execute_notebook(
+                str(source),
+                str(tmp_path),
+                parameters=parameters,
+                kernel_name=KERNEL_NAME,
+                cwd=str(ROOT),
+                log_output=False,
+                progress_bar=progress_bar,
+                kernel_manager_class=_kernel_manager_logging_to(log),
+            )
     except KeyboardInterrupt:
         _keep_partial(tmp_path, failed_path)
         raise
@@ -160,11 +163,30 @@ def run_notebook(
         kept = _keep_partial(tmp_path, failed_path)
         where = f"partial output kept at {kept}" if kept else "no partial output was written"
         summary = f"{err.ename}: {err.evalue}" if isinstance(err, PapermillExecutionError) else repr(err)
-        raise NotebookError(f"notebook {stem} failed ({summary}); {where}", kept) from err
+        raise NotebookError(f"notebook {stem} failed ({summary}); {where}; the kernel's own log is {kernel_log}",
+                            kept) from err
+    kernel_log.unlink(missing_ok=True)  # a finished notebook's kernel log holds only shutdown chatter
     _finalize(tmp_path, source, output_path)
     os.replace(tmp_path, output_path)
     failed_path.unlink(missing_ok=True)  # a stale failure from an earlier run no longer applies
     return output_path
+
+
+def _kernel_manager_logging_to(log) -> type:
+    """A kernel manager class whose kernels write their own log (stderr) to the open file ``log``.
+
+    A kernel's stderr carries only its own diagnostics (a warning about its local TCP transport at start,
+    "KeyboardInterrupt caught in kernel" at shutdown); what the notebook prints is captured separately,
+    in the executed notebook. Without this, those lines would reach the terminal after every notebook.
+    """
+    from jupyter_client.manager import AsyncKernelManager  # papermill's stack, loaded when a notebook runs
+
+    class KernelLoggingToFile(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw["stderr"] = log
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return KernelLoggingToFile
 
 
 def _finalize(tmp_path: Path, source: Path, output_path: Path) -> None:

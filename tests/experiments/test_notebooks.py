@@ -162,7 +162,7 @@ def test_sweep_option_runs_the_named_sweep(tmp_path, monkeypatch, capsys):
 # executing the notebooks (a kernel each: a few seconds)
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_loss_landscapes_notebook_writes_every_figure(tmp_path):
+def test_loss_landscapes_notebook_writes_every_figure(tmp_path, capfd):
     dpi = 30
     out = run_notebook(
         "02_loss_landscapes",
@@ -182,7 +182,9 @@ def test_loss_landscapes_notebook_writes_every_figure(tmp_path):
             assert image.size == expected_size, name
     shown = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(shown) == len(LANDSCAPE_FIGURES)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["02_loss_landscapes.ipynb", "figures"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["02_loss_landscapes.ipynb", "figures"]  # no kernel log
+    err = capfd.readouterr().err
+    assert "IPKernelApp" not in err and "KeyboardInterrupt" not in err  # the kernel's chatter went to its log
 
 
 @pytest.mark.slow
@@ -214,7 +216,8 @@ def test_a_failing_notebook_leaves_no_output_but_keeps_its_partial_copy(tmp_path
     partial = info.value.partial_path
     assert partial == output.with_name("bad.failed.ipynb") and str(partial) in str(info.value)
     assert _has_error_output(nbformat.read(partial, as_version=4))
-    assert sorted(p.name for p in output.parent.iterdir()) == ["bad.failed.ipynb", "bad.ipynb"]
+    assert sorted(p.name for p in output.parent.iterdir()) == ["bad.failed.ipynb", "bad.ipynb", "bad.kernel.log"]
+    assert "bad.kernel.log" in str(info.value)  # the kernel's own log is kept and named when a notebook fails
 
 
 def test_executed_notebooks_name_no_folder_of_this_machine(tmp_path):

@@ -242,3 +242,55 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["runs"] == ["b0", "b1", "b2", "h0", "h1", "h2"]
     assert data["differences"]["harmonic_hiou"]["AP"]["mean"] == pytest.approx(0.04)
+
+
+# ----------------------------------------------------------------------------------------------------
+# notebook 05: the steps, each after a sentence, and one writer at the end
+# ----------------------------------------------------------------------------------------------------
+NOTEBOOK_05 = Path(__file__).resolve().parents[2] / "notebooks" / "05_results.ipynb"
+STEPS = ("load_sweep_runs", "summarize", "paired_differences", "markdown_verdict", "markdown_paper", "results_report")
+
+
+def test_results_notebook_shows_each_step_after_a_sentence():
+    from harmonic.experiments.notebooks import declared_parameters
+
+    assert declared_parameters(NOTEBOOK_05) == {"sweeps", "baseline", "main_variant", "results_dir", "update_readme",
+                                                "dpi"}
+    cells = json.loads(NOTEBOOK_05.read_text())["cells"]
+    first = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
+    steps = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and i > first]
+    assert len(steps) == len(STEPS)
+    for i, step in zip(steps, STEPS):
+        assert cells[i - 1]["cell_type"] == "markdown", f"cell {i} is not preceded by a sentence"
+        code = "".join(cells[i]["source"])
+        assert f"hr.{step}(" in code
+        calls = [line for line in code.splitlines() if line and not line.startswith(("import", "from", " "))]
+        assert 1 <= len(calls) <= 2, code
+        assert not any(w in code for w in ("open(", "write", "savefig")), code  # writing stays in the package
+    assert sum("results_report(" in "".join(c["source"]) for c in cells) == 1
+
+
+@pytest.mark.slow
+def test_results_notebook_displays_the_steps_and_writes_the_report(tmp_path):
+    import nbformat
+
+    from harmonic.experiments.notebooks import run_notebook
+
+    for seed, (b, h) in enumerate([(0.20, 0.25), (0.22, 0.26), (0.21, 0.24)]):
+        _fake_run(tmp_path, f"b{seed}", "baseline", seed, b)
+        _fake_run(tmp_path, f"h{seed}", "harmonic_hiou", seed, h)
+    out = run_notebook("05_results", {"sweeps": ["s"], "results_dir": str(tmp_path), "dpi": 30},
+                       tmp_path / "executed" / "05_results.ipynb", progress_bar=False)
+    executed = nbformat.read(out, as_version=4)
+    shown = [o["data"]["text/markdown"] for c in executed.cells if c.cell_type == "code" for o in c.outputs
+             if "text/markdown" in o.get("data", {})]
+    runs = load_sweep_runs(tmp_path, ["s"])
+    summary, diffs = summarize(runs), paired_differences(runs)
+    assert shown == [markdown_runs(runs), markdown_summary(summary), markdown_differences(diffs),
+                     markdown_verdict(diffs, "harmonic_hiou"), markdown_paper(summary, diffs, "baseline", "harmonic_hiou"),
+                     markdown_setting(runs)]
+    assert "+4.0 [" in shown[2] and "raises AP by 4.0" in shown[3]
+    images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1  # score vs IoU, baseline and main variant side by side
+    assert (tmp_path / "report.md").read_text() == report_markdown(runs, summary, diffs) + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["executed", "figures", "report.json", "report.md", "runs"]

@@ -20,5 +20,5 @@ def test_environment_yml_matches_lock():
 
 def test_lock_pins_the_core_stack():
     lock = read_lock(ROOT / "requirements.lock")
-    for name in ("torch", "torchvision", "pycocotools", "sympy", "papermill", "matplotlib", "tqdm", "hypothesis"):
+    for name in ("torch", "torchvision", "pycocotools", "sympy", "papermill", "matplotlib", "tqdm", "hypothesis", "ipywidgets"):  # ipywidgets: progress bars in make lab
         assert name in lock, f"{name} is not pinned in requirements.lock"
