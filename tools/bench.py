@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from harmonic.experiments.readme import replace_block
+from harmonic.utils.checks import positive_int
 
 __all__ = [
     "BenchConfig",
@@ -835,26 +836,16 @@ def _load_average() -> float | None:
         return None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser, command_name: str = "bench") -> None:
     """The benchmark's options (shared by ``python tools/bench.py`` and a CLI command)."""
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write (atomically)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds, no compiling (for tests)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, else cpu)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
-    parser.add_argument("--repeats", type=_positive_int, default=None, help="timed rounds (default 7, quick 2)")
-    parser.add_argument("--warmup", type=_positive_int, default=None, help="untimed rounds (default 2, quick 1)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed rounds (default 7, quick 2)")
+    parser.add_argument("--warmup", type=positive_int, default=None, help="untimed rounds (default 2, quick 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the run (default: torch's own choice)")
     parser.add_argument("--readme", type=Path, default=None,
                         help="also refresh the measured ratios in this README's bench block")

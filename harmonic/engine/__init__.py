@@ -5,27 +5,9 @@ detectors and datasets are reported, by secondary sources [R]. The engine implem
 torchvision's detection references instead: SGD with momentum and
 weight decay, a linear warmup, step decay, optional gradient clipping and mixed precision on CUDA.
 
-A run lives in one folder (``TrainConfig.output_dir``)::
-
-    config.json            the configuration, what was resolved from it, and provenance
-    log.jsonl              one JSON record per iteration (see :func:`train`)
-    checkpoints/last.pt    the latest checkpoint (every ``checkpoint_every`` iterations and at the end)
-    checkpoints/final.pt   the model after the last iteration (no optimizer state)
-    metrics.json, detections.json, figures/score_vs_iou.png   written by :func:`evaluate`
-
-Conventions, stated once:
-
-* Iterations are counted from 1: iteration ``k`` is the ``k``-th optimizer step; a checkpoint holds the
-  number of iterations done. Epochs are counted from 0.
-* ``batch_size`` is per process; the global batch is ``batch_size * world_size``. ``lr`` is used as
-  given (no automatic scaling with the number of processes).
-* ``lr_steps`` are iteration counts: after ``lr_steps[i]`` iterations the learning rate is multiplied by
-  ``lr_gamma`` (see :func:`lr_at`).
-* Data order and augmentation are pure functions of ``(seed, epoch, image index)``: each epoch's
-  permutation comes from a ``torch.Generator`` seeded with ``(seed, epoch)``, and each image's random
-  transforms run under a CPU generator seeded with ``(seed, epoch, index)``. A resumed run therefore skips
-  exactly the batches already used in the current epoch and sees the same augmentations as an
-  uninterrupted one, whatever ``num_workers`` is.
+A run lives in one folder (``TrainConfig.output_dir``); ``docs/engine.md`` describes its files and the
+conventions (iterations counted from 1, per-process batch size, lr steps in iterations, data order as a
+pure function of seed, epoch and index).
 
 Command line: ``python -m harmonic train --help``; evaluation: ``python -m harmonic evaluate --help``.
 

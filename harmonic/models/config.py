@@ -1,42 +1,11 @@
 """``DetectorConfig``: everything needed to rebuild a detector, JSON-serializable.
 
-Each loss option, where it comes from (``NOTES.md`` of the paper folder) and its provenance tag:
-
-==========================  ====================================================================  =====
-option                      meaning                                                               tag
-==========================  ====================================================================  =====
-``loss="harmonic"``         L_Har = (1 + beta_r) CE + (1 + beta_c) L_loc per positive (item 2)    [S]
-``loss="baseline"``         the host detector's stock torchvision losses, unchanged               --
-``detach_factors``          False: differentiate through beta_r, beta_c (item 3, Eq. 2-5)          [S]
-                            True: constant factors, as one third-party port does                  [R]
-``hiou``, ``hiou_gamma``    L_HIoU = (1 + IoU)^gamma (1 - IoU), gamma <= 1 (item 4, Eq. 11-13)     [S]
-``hiou_gamma=0.8``          the paper's value (item 5)                                            [R]
-``hiou_weight=1.5``         alpha in L_loc = host box loss + alpha * L_HIoU (item 5)              [R]
-``tc_weight``, ``tc_margin``  task-contrasting term, m = 0.2, off by default (item 6)             [R]
-``tc_form``                 "margin": max(0, |p - IoU| - m); "gate": the hard gate (item 6)       [R]
-negatives                   plain classification loss; host normalization (item 7)                [R]
-``beta_c_source``           sigmoid heads: "loss" (CE := focal loss summed over classes, a port's
-                            choice) or "gt_prob" (beta_c := sigmoid(x_gt)) (item 8)               [R]
-``fused``                   implementation switch only, same values                               [D]
-``loss="qfl"``              comparison, RetinaNet only: quality focal loss, the detached IoU of   [D]
-                            each positive's decoded box as soft target (Li et al., "Generalized
-                            Focal Loss", NeurIPS 2020)
-``loss="varifocal"``        comparison, RetinaNet only: varifocal loss, same soft target,         [D]
-                            alpha 0.75, gamma 2 (Zhang et al., "VarifocalNet", CVPR 2021)
-``loss="iou_balanced"``     comparison, RetinaNet only: positives' focal loss weighted by         [D]
-                            IoU^1.5 (eta), their box loss by IoU^1.5 (lambda); constant
-                            weights keeping the totals (Wu et al., IoU-balanced loss functions)
-==========================  ====================================================================  =====
-
-The comparison losses (``"qfl"``, ``"varifocal"``, ``"iou_balanced"``; our implementation of other
-papers' formulas, :func:`harmonic.models.head_loss.dense_comparison_loss`) are loss-only swaps in the same RetinaNet:
-same anchors and assigner, the host's L1 box loss and its per-image ``max(1, num_foreground)``
-normalization; only the classification loss (and for ``"iou_balanced"`` the weighting) changes. Like
-``"baseline"`` they ignore the Harmonic options.
-
-Architecture options (``arch``, ``backbone``, ``norm``, ``anchor_sizes``, ...) are documented on
-:class:`DetectorConfig`; the detectors and training settings used by the paper were not recovered beyond
-"SSD, RetinaNet, Faster R-CNN, ..., R50-FPN" [R], so torchvision's own recipes are the defaults.
+``loss`` selects ``"baseline"`` (the host's stock torchvision losses, unchanged), ``"harmonic"`` (supplement
+Eq. 1 on the host's per-sample losses, with the options of
+:class:`harmonic.models.head_loss.HarmonicOptions`) or a comparison loss (``"qfl"``, ``"varifocal"``,
+``"iou_balanced"``, RetinaNet only). ``docs/loss-options.md`` gives each option's source in the paper and
+its provenance tag; architecture options (``arch``, ``backbone``, ``norm``, ``anchor_sizes``, ...) are
+documented on :class:`DetectorConfig`.
 """
 
 from __future__ import annotations
