@@ -323,7 +323,9 @@ _TRAIN_HELP = {
     "lr_steps": "comma-separated iteration counts after which the lr is multiplied by --lr-gamma, e.g. 450,550",
     "lr_gamma": "learning-rate decay factor at each of --lr-steps",
     "grad_clip": "clip the global gradient norm to this value ('none': no clipping)",
-    "amp": "mixed precision: auto (on for CUDA), on (CUDA only), off",
+    "amp": "autocast dtype: auto (bfloat16 where the device has it natively, float16 on other GPUs, else "
+           "float32), bf16, fp16 (CUDA), on (auto, required), off (float32); losses stay float32",
+    "channels_last": "model memory layout channels_last: auto (with autocast), on, off",
     "seed": "seed of the model initialization, data order and augmentation",
     "device": "auto (CUDA when available), cpu or cuda",
     "output_dir": "the run folder: config.json, log.jsonl, checkpoints/, metrics",
@@ -487,6 +489,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
             train_group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "amp":
             train_group.add_argument(*flags, choices=AMP_MODES, **kwargs)
+        elif f.name == "channels_last":
+            train_group.add_argument(*flags, type=_parse_tristate, metavar="{auto,on,off}", **kwargs)
         elif f.name == "device":
             train_group.add_argument(*flags, choices=DEVICES, **kwargs)
         else:

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harmonic.engine.precision import AMP_MODES
 from harmonic.models import DetectorConfig
 from harmonic.utils.checks import is_int, is_number
 from harmonic.utils.files import atomic_write_json
 
-AMP_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
 # fields that may differ between a run and its resumption: they do not change the iterations already done
 RESUMABLE_CHANGES = frozenset(
@@ -40,8 +40,10 @@ class TrainConfig:
 
     Schedule: exactly one of ``epochs`` or ``max_iters``. Optimizer: SGD(``lr``, ``momentum``,
     ``weight_decay``) on every trainable parameter; learning rate as :func:`lr_at`. ``grad_clip``: max
-    global L2 norm of the gradients (``None``: no clipping). ``amp``: ``"auto"`` (on for CUDA, off on CPU),
-    ``"on"`` (CUDA only), ``"off"``; float16 autocast with a gradient scaler.
+    global L2 norm of the gradients (``None``: no clipping). ``amp``: the autocast dtype, ``"auto"`` (bfloat16
+    where the device computes it natively, float16 with a gradient scaler on other CUDA devices, else
+    float32), ``"bf16"``, ``"fp16"``, ``"on"``, ``"off"``; ``channels_last``: the model's memory layout (None:
+    with autocast); see :mod:`harmonic.engine.precision`. Losses are computed in float32 either way.
 
     Runtime: ``seed``; ``device`` (``"auto"``: CUDA when available); ``output_dir`` (the run folder);
     ``checkpoint_every`` (iterations between writes of ``checkpoints/last.pt``); ``keep_checkpoints`` (also
@@ -72,6 +74,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     grad_clip: float | None = None
     amp: str = "auto"
+    channels_last: bool | None = None
     seed: int = 0
     device: str = "auto"
     output_dir: str = "results/runs/train"
@@ -142,6 +145,8 @@ class TrainConfig:
             self.amp = "on" if self.amp else "off"
         if self.amp not in AMP_MODES:
             raise bad("amp", f"one of {AMP_MODES}")
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise bad("channels_last", "None (with autocast), True or False")
         if self.device not in DEVICES:
             raise bad("device", f"one of {DEVICES}")
         for name in ("keep_checkpoints", "resume", "deterministic", "sync_bn"):

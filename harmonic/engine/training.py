@@ -28,6 +28,7 @@ from harmonic.engine.checkpoints import (
 )
 from harmonic.engine.config import RESUMABLE_CHANGES, TrainConfig, lr_at
 from harmonic.engine.distributed import Context, all_reduce_mean, gather, setup_context
+from harmonic.engine.precision import resolve_precision
 from harmonic.engine.sampling import EpochBatchSampler, SeededSamples, derive_seed, iters_per_epoch
 from harmonic.models import DetectorConfig, build_detector, get_stats
 from harmonic.ops.focal import backend_record
@@ -89,12 +90,6 @@ def _deterministic(enabled: bool, device: torch.device):
         torch.backends.cudnn.benchmark = previous_benchmark
 
 
-def _use_amp(cfg: TrainConfig, device: torch.device) -> bool:
-    if cfg.amp == "on" and device.type != "cuda":
-        raise ValueError("TrainConfig.amp is 'on' but the device is the CPU; mixed precision is for CUDA: use 'auto' or 'off'")
-    return device.type == "cuda" and cfg.amp in ("on", "auto")
-
-
 def _existing_run(run_dir: Path) -> bool:
     log = run_dir / "log.jsonl"
     return (run_dir / "checkpoints" / "last.pt").is_file() or (log.is_file() and log.stat().st_size > 0)
@@ -120,15 +115,15 @@ def train(
     """Train the detector of ``cfg``; returns the run folder (``cfg.output_dir``).
 
     Each iteration ``k`` (1-based): the learning rate :func:`lr_at` ``(cfg, k)``; the forward pass (under
-    float16 autocast when AMP is on); the loss dict of the detector summed; a check that every term is
+    autocast in the run's precision, see :mod:`harmonic.engine.precision`); the loss dict of the detector summed; a check that every term is
     finite (else :class:`NonFiniteLossError` naming the iteration and the terms, before any update, so the
-    last checkpoint is the last good state); backward (through the gradient scaler with AMP); the global
-    gradient norm, clipped to ``grad_clip`` when set (a non-finite norm without AMP is also an error; with
-    AMP the scaler skips that step); the SGD step. Then one JSON line in ``log.jsonl``, flushed::
+    last checkpoint is the last good state); backward (through the gradient scaler with float16); the global
+    gradient norm, clipped to ``grad_clip`` when set (a non-finite norm without a scaler is also an error;
+    with one the scaler skips that step); the SGD step. Then one JSON line in ``log.jsonl``, flushed::
 
         {"iter", "epoch", "lr", "loss", "loss/<term>" (each key of the loss dict), "grad_norm",
          "beta_r", "beta_c", "num_positives" (Harmonic loss, when there were positives),
-         "amp_scale" (with AMP), "time" (s, the whole iteration), "data_time" (s, waiting for data)}
+         "amp_scale" (with float16), "time" (s, the whole iteration), "data_time" (s, waiting for data)}
 
     Losses are averaged over processes; the harmonic factors are those of process 0. Distributed runs
     keep per-process BatchNorm statistics (DDP broadcasts process 0's buffers at every forward; the
@@ -159,7 +154,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
     last_path = run_dir / "checkpoints" / "last.pt"
     log_path = run_dir / "log.jsonl"
     device = ctx.device
-    use_amp = _use_amp(cfg, device)
+    precision = resolve_precision(cfg.amp, cfg.channels_last, device)
 
     checkpoint = None
     if cfg.resume and last_path.is_file():
@@ -194,18 +189,20 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
 
     torch.manual_seed(cfg.seed)
     model = build_detector(detector_cfg).to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and ctx.distributed:
         if device.type != "cuda":
             raise ValueError("TrainConfig.sync_bn needs CUDA (torch.nn.SyncBatchNorm has no CPU implementation)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision.scaler)
     start = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        if use_amp and checkpoint.get("scaler"):
+        if precision.scaler and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         rng = checkpoint["rng"]
         _set_rng_state({"torch": rng["torch"][ctx.rank], "cuda": rng["cuda"][ctx.rank]}, device)
@@ -222,14 +219,16 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
         "train_images": len(dataset),
     }
     resolved = {
-        "detector": detector_cfg.to_dict(), "device": str(device), "amp": use_amp, "world_size": ctx.world_size,
+        "detector": detector_cfg.to_dict(), "device": str(device), "amp": precision.autocast, **precision.describe(),
+        "world_size": ctx.world_size,
         "global_batch_size": cfg.batch_size * ctx.world_size, "iters_per_epoch": per_epoch, "total_iters": total,
         "resumed_at_iteration": start if checkpoint is not None else None, **meta,
     }
     if ctx.is_main:
         atomic_write_json(run_dir / "config.json", {
             "config": cfg.to_dict(), "resolved": resolved,
-            "provenance": provenance(cfg.to_dict(), seed=cfg.seed, device=str(device), device_details=backend_record(device)),
+            "provenance": provenance(cfg.to_dict(), seed=cfg.seed, device=str(device),
+                                     device_details={**backend_record(device), **precision.describe()}),
         })
         _truncate_log(log_path, start)
 
@@ -285,7 +284,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
                 data_time = time.perf_counter() - tick
                 record = _train_step(
                     net, model, optimizer, scaler, params, images, targets, cfg=cfg, ctx=ctx, iteration=iteration,
-                    epoch=epoch, use_amp=use_amp, targets_to=targets_to, get_stats=get_stats,
+                    epoch=epoch, precision=precision, targets_to=targets_to, get_stats=get_stats,
                     checkpoint_path=last_path,
                 )
                 record["data_time"] = data_time
@@ -312,7 +311,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
     return run_dir
 
 
-def _train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, ctx, iteration, epoch, use_amp,
+def _train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, ctx, iteration, epoch, precision,
                 targets_to, get_stats, checkpoint_path) -> dict[str, Any]:
     device = ctx.device
     lr = lr_at(cfg, iteration)
@@ -320,7 +319,7 @@ def _train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, 
         group["lr"] = lr
     images = [image.to(device, non_blocking=True) for image in images]
     targets = targets_to(targets, device)
-    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+    with torch.autocast(device_type=device.type, dtype=precision.dtype, enabled=precision.autocast):
         loss_dict = net(images, targets)
     if not isinstance(loss_dict, Mapping) or not loss_dict:
         raise TypeError(f"the detector returned {type(loss_dict).__name__} in train mode; expected a dict of losses")
@@ -339,7 +338,7 @@ def _train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, 
     scaler.unscale_(optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    if not math.isfinite(grad_norm) and not use_amp:
+    if not math.isfinite(grad_norm) and not precision.scaler:
         raise NonFiniteLossError(
             f"non-finite gradient norm at iteration {iteration}: grad_norm={grad_norm} (losses were finite: "
             + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) + ")",
@@ -354,6 +353,6 @@ def _train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, 
     for key in ("beta_r", "beta_c", "num_positives"):
         if key in stats and math.isfinite(stats[key]):
             record[key] = stats[key]
-    if use_amp:
+    if precision.scaler:
         record["amp_scale"] = float(scaler.get_scale())
     return record

@@ -97,6 +97,13 @@ SWEEPS: dict[str, Sweep] = {
         Sweep("coco", ("baseline", "harmonic_hiou"), seeds=(0,),
               parameters={"preset": "coco-1x", "nproc_per_node": "auto"},
               description="COCO 2017, RetinaNet R50-FPN, 1x schedule, every GPU of the machine"),
+        # the engine's fast path against float32, same runs otherwise (the accuracy check of make bench)
+        Sweep("precision_fp32", ("baseline",), seeds=(0, 1),
+              parameters={"preset": "shapes-cpu", "train_overrides": {"amp": "off", "channels_last": False}},
+              description="the default study's baseline in float32 (the reference of the precision check)"),
+        Sweep("precision_bf16", ("baseline",), seeds=(0, 1),
+              parameters={"preset": "shapes-cpu", "train_overrides": {"amp": "bf16", "channels_last": True}},
+              description="the default study's baseline with bfloat16 autocast and channels_last"),
         Sweep("detectors", ("baseline", "harmonic_hiou"), archs=("retinanet", "fcos", "faster_rcnn", "ssd"),
               description="the loss on each detector family"),
     )

@@ -26,6 +26,19 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from harmonic.models.config import DetectorConfig
 
+
+class Float32LastLevelP6P7(LastLevelP6P7):
+    """torchvision's P6/P7 block (same parameters and state_dict keys), computed in float32 under autocast.
+
+    P6 and P7 are the smallest maps of the pyramid (2 x 2 and 1 x 1 at 160 px), so float32 costs nothing
+    there; and the oneDNN bfloat16 weight gradient of these stride-2 convolutions on maps that small
+    returned NaN now and then (measured on an AVX-512 BF16 CPU, about 1 step in 40 at 96 px) [D].
+    """
+
+    def forward(self, p, c, names):
+        with torch.autocast(device_type=p[-1].device.type, enabled=False):
+            return super().forward([t.float() for t in p], [t.float() for t in c], names)
+
 __all__ = ["build_backbone", "default_anchor_sizes", "group_norm", "level_strides"]
 
 _IMAGENET_WEIGHTS = {
@@ -100,7 +113,7 @@ def _freeze_stages(features: nn.Sequential, stage_indices: list[int], trainable_
 
 
 def _extra_blocks(arch: str, channels: int) -> nn.Module:
-    return LastLevelMaxPool() if arch == "faster_rcnn" else LastLevelP6P7(channels, channels)
+    return LastLevelMaxPool() if arch == "faster_rcnn" else Float32LastLevelP6P7(channels, channels)
 
 
 def build_backbone(cfg: DetectorConfig) -> nn.Module:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -15,6 +17,8 @@ __all__ = [
     "ImageCandidates",
     "StatsMixin",
     "finish_detections",
+    "float32_losses",
+    "to_float32",
     "ignore_crowd_anchors",
     "ignore_crowd_in_batch",
 ]
@@ -205,3 +209,49 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def to_float32(value: Any) -> Any:
+    """``value`` with every float16 / bfloat16 tensor in it (nested in dicts, lists and tuples) cast to
+    float32; other tensors and objects are returned as they are."""
+    if isinstance(value, Tensor):
+        return value.float() if value.dtype in _LOW_PRECISION else value
+    if isinstance(value, dict):
+        return {k: to_float32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_float32(v) for v in value)
+    return value
+
+
+def _device_types(value: Any, found: set[str]) -> set[str]:
+    if isinstance(value, Tensor):
+        found.add(value.device.type)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _device_types(v, found)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _device_types(v, found)
+    return found
+
+
+def float32_losses(method):
+    """Decorator of a detector's loss step: it runs in float32 whatever the autocast of the forward pass.
+
+    The head outputs it receives are cast to float32 and autocast is disabled inside, so the losses, box
+    IoU and the Harmonic factors are computed in float32 while the network itself may run in bfloat16 or
+    float16 (:mod:`harmonic.engine.precision`).
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in sorted(_device_types((args, kwargs), set())):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return method(self, *to_float32(args), **to_float32(kwargs))
+
+    return wrapper
+

@@ -24,7 +24,7 @@ from torchvision.models.detection.faster_rcnn import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import boxes as box_ops
 
-from harmonic.models.common import HarmonicTransform, StatsMixin, finish_detections
+from harmonic.models.common import HarmonicTransform, StatsMixin, finish_detections, float32_losses
 from harmonic.models.head_loss import HarmonicOptions, softmax_harmonic_loss, split_losses_and_stats
 
 __all__ = ["HarmonicFasterRCNN", "HarmonicRoIHeads"]
@@ -68,16 +68,25 @@ class HarmonicRoIHeads(StatsMixin, RoIHeads):
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         if self.training:
-            if self.options is None:
-                loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
-                return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
-            result = self.harmonic_loss(
-                class_logits, box_regression, proposals, matched_idxs, labels, regression_targets, targets
-            )
-            losses, stats = split_losses_and_stats(result)
-            self._record_stats(stats)
-            return [], {_KEYS.get(k, k): v for k, v in losses.items()}
+            return [], self.box_loss(class_logits, box_regression, proposals, matched_idxs, labels,
+                                     regression_targets, targets)
         return self.detections(class_logits, box_regression, proposals, image_shapes), {}
+
+    @float32_losses
+    def box_loss(
+        self, class_logits, box_regression, proposals, matched_idxs, labels, regression_targets, targets
+    ) -> dict[str, Tensor]:
+        """The box head's loss, in float32: torchvision's ``fastrcnn_loss``, or the Harmonic loss when
+        ``options`` is set (its terms under torchvision's key names, statistics recorded)."""
+        if self.options is None:
+            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+            return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+        result = self.harmonic_loss(
+            class_logits, box_regression, proposals, matched_idxs, labels, regression_targets, targets
+        )
+        losses, stats = split_losses_and_stats(result)
+        self._record_stats(stats)
+        return {_KEYS.get(k, k): v for k, v in losses.items()}
 
     def harmonic_loss(
         self, class_logits, box_regression, proposals, matched_idxs, labels, regression_targets, targets

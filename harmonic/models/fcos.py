@@ -29,6 +29,7 @@ from harmonic.models.common import (
     HarmonicTransform,
     ImageCandidates,
     StatsMixin,
+    float32_losses,
     ignore_crowd_in_batch,
 )
 from harmonic.models.head_loss import HarmonicOptions, dense_harmonic_loss, split_losses_and_stats
@@ -123,6 +124,7 @@ class HarmonicFCOS(FCOS):
         self.transform = HarmonicTransform.from_transform(self.transform, num_classes)
         self.record_candidates = False
 
+    @float32_losses
     def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):
         return super().compute_loss(shift_labels(targets), head_outputs, anchors, num_anchors_per_level)
 

@@ -28,7 +28,13 @@ from torch import Tensor
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops import boxes as box_ops
 
-from harmonic.models.common import HarmonicTransform, ImageCandidates, StatsMixin, ignore_crowd_in_batch
+from harmonic.models.common import (
+    HarmonicTransform,
+    ImageCandidates,
+    StatsMixin,
+    float32_losses,
+    ignore_crowd_in_batch,
+)
 from harmonic.models.head_loss import (
     ComparisonOptions,
     HarmonicOptions,
@@ -144,6 +150,7 @@ class HarmonicRetinaNet(RetinaNet):
         self.transform = HarmonicTransform.from_transform(self.transform, num_classes)
         self.record_candidates = False
 
+    @float32_losses
     def compute_loss(self, targets, head_outputs, anchors):
         return super().compute_loss(shift_labels(targets), head_outputs, anchors)
 

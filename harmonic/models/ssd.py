@@ -20,7 +20,7 @@ from torch import Tensor
 from torchvision.models.detection.ssd import SSD
 from torchvision.ops import boxes as box_ops
 
-from harmonic.models.common import HarmonicTransform, ImageCandidates, StatsMixin
+from harmonic.models.common import HarmonicTransform, ImageCandidates, StatsMixin, float32_losses
 from harmonic.models.head_loss import HarmonicOptions, softmax_harmonic_loss, split_losses_and_stats
 
 __all__ = ["HarmonicSSD"]
@@ -39,6 +39,7 @@ class HarmonicSSD(StatsMixin, SSD):
         self.record_candidates = False
         self._init_stats()
 
+    @float32_losses
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         if self.options is None:
             return super().compute_loss(targets, head_outputs, anchors, matched_idxs)

@@ -320,11 +320,39 @@ def test_print_config_and_config_file_with_overrides(tmp_path, capsys):
     assert again == expected.replace(seed=7, epochs=2) and again.max_iters is None
 
 
-def test_amp_on_cpu_is_refused(tmp_path, data_root):
-    if torch.cuda.is_available():
-        pytest.skip("the refusal is for CPU-only runs")
-    with pytest.raises(ValueError, match="mixed precision is for CUDA"):
-        train(tiny_config(tmp_path / "run", amp="on", device="cpu"), progress=False)
+def test_precision_resolution(monkeypatch):
+    from harmonic.engine import precision as prec
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(prec, "native_bf16", lambda device: True)
+    auto = prec.resolve_precision("auto", None, cpu)
+    assert (auto.dtype, auto.scaler, auto.channels_last) == (torch.bfloat16, False, True)
+    assert prec.resolve_precision("auto", False, cpu).channels_last is False
+    assert prec.resolve_precision("on", None, cpu).dtype == torch.bfloat16
+    monkeypatch.setattr(prec, "native_bf16", lambda device: False)
+    plain = prec.resolve_precision("auto", None, cpu)
+    assert (plain.dtype, plain.scaler, plain.channels_last) == (None, False, False)
+    assert prec.resolve_precision("bf16", None, cpu).dtype == torch.bfloat16  # asked for: emulated, but given
+    with pytest.raises(ValueError, match="'on' but cpu has no native bfloat16"):
+        prec.resolve_precision("on", None, cpu)
+    with pytest.raises(ValueError, match="float16 autocast is for CUDA"):
+        prec.resolve_precision("fp16", None, cpu)
+    assert prec.resolve_precision("off", True, cpu).describe() == {
+        "autocast_dtype": "float32", "grad_scaler": False, "channels_last": True}
+    with pytest.raises(ValueError, match="channels_last"):
+        TrainConfig.preset("shapes-tiny", channels_last="yes")
+
+
+def test_bf16_run_records_its_precision_and_stays_close_to_float32(tmp_path, data_root):
+    fp32 = train(tiny_config(tmp_path / "fp32", amp="off", max_iters=2), progress=False)
+    bf16 = train(tiny_config(tmp_path / "bf16", amp="bf16", channels_last=True, max_iters=2), progress=False)
+    resolved = json.loads((bf16 / "config.json").read_text())["resolved"]
+    assert resolved["autocast_dtype"] == "bfloat16" and resolved["channels_last"] is True
+    assert json.loads((fp32 / "config.json").read_text())["resolved"]["autocast_dtype"] == "float32"
+    first_fp32, first_bf16 = read_log(fp32)[0], read_log(bf16)[0]
+    # same weights and batch: the first loss differs only by the network's bfloat16 rounding
+    assert first_bf16["loss"] == pytest.approx(first_fp32["loss"], rel=0.05)
+    assert first_bf16["loss"] != first_fp32["loss"]
 
 
 @pytest.mark.cuda

@@ -474,3 +474,30 @@ def test_cuda_losses_match_cpu_and_autocast_is_finite(arch):
     with torch.no_grad():
         out = model(images_gpu)
     assert out[0]["boxes"].device.type == "cuda" and "candidate_boxes" in out[0]
+
+
+def test_losses_are_float32_under_bfloat16_autocast(monkeypatch):
+    from harmonic.models.common import float32_losses, to_float32
+
+    seen = []
+
+    class Probe:
+        @float32_losses
+        def loss(self, outputs):
+            seen.append((outputs["x"].dtype, torch.is_autocast_enabled("cpu")))
+            return outputs["x"].sum()
+
+    x = torch.ones(3, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = Probe().loss({"x": x * 1.5})
+    assert seen == [(torch.float32, False)] and out.dtype == torch.float32
+    out.backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad.float(), torch.full((3,), 1.5))
+    nested = to_float32({"a": [torch.ones(1, dtype=torch.float16)], "b": (torch.ones(1, dtype=torch.int64),)})
+    assert nested["a"][0].dtype == torch.float32 and nested["b"][0].dtype == torch.int64
+
+    model = build_detector(tiny("retinanet", loss="harmonic")).train()
+    images, targets = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
