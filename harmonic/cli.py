@@ -227,6 +227,9 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                              "for the smoke profile)")
     parser.add_argument("--coco-root", default=None,
                         help="COCO-format dataset root, passed to the notebooks that take coco_root")
+    parser.add_argument("--voc-root", default=None,
+                        help="a VOCdevkit folder (VOC2007/ and VOC2012/), for --profile voc: passed to the notebooks "
+                             "that take voc_root")
     parser.add_argument("--sweep", default=None, metavar="NAME",
                         help="run a named grid of training runs (harmonic.experiments.sweeps) instead of a profile")
     parser.add_argument("--dry-run", action="store_true",
@@ -254,7 +257,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         return run_named_sweep(args.sweep, args.results_dir or "results")
     try:
         return reproduce(args.profile, only=args.only, results_dir=args.results_dir, coco_root=args.coco_root,
-                         keep_going=args.keep_going, progress_bar=not args.no_progress, dry_run=args.dry_run, jobs=args.jobs)
+                         voc_root=args.voc_root, keep_going=args.keep_going, progress_bar=not args.no_progress, dry_run=args.dry_run, jobs=args.jobs)
     except ValueError as err:
         print(f"[reproduce] {err}", file=sys.stderr)
         return 2
@@ -331,6 +334,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 1
     coco = metrics["coco"]
     summary = {k: coco.get(k) for k in ("AP", "AP50", "AP75")}
+    if "voc" in metrics:  # the data came from PASCAL VOC: its metric beside COCO AP
+        summary.update(VOC_mAP_11point=metrics["voc"]["mAP_11point"], VOC_mAP_area=metrics["voc"]["mAP_area"])
     print(json.dumps(summary), f"-> {Path(out) / 'metrics.json'}")
     return 0
 
