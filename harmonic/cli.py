@@ -612,7 +612,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: evaluation failed: {err}", file=sys.stderr)
         return 1
     coco = metrics["coco"]
-    print(f"AP {coco['AP']:.4f}  AP50 {coco['AP50']:.4f}  AP75 {coco['AP75']:.4f}  -> {run_dir / 'metrics.json'}")
+    voc = metrics.get("voc")  # the data came from PASCAL VOC: its metric beside COCO AP
+    voc_text = f"  VOC mAP {voc['mAP_11point']:.4f} (11-point) {voc['mAP_area']:.4f} (area)" if voc and voc["mAP_area"] is not None else ""
+    print(f"AP {coco['AP']:.4f}  AP50 {coco['AP50']:.4f}  AP75 {coco['AP75']:.4f}{voc_text}  -> {run_dir / 'metrics.json'}")
     return 0
 
 

@@ -13,7 +13,9 @@ Difficult objects. VOC's evaluation ignores detections matched to ``difficult`` 
 notion is an ignore region: by default a difficult object becomes an ``iscrowd=1`` annotation (with
 ``"difficult": 1`` kept in the annotation), which :class:`~harmonic.data.CocoDetection` turns into a
 ``crowd_boxes`` entry and pycocotools' COCOeval ignores. COCOeval matches a crowd region by
-intersection over the *detection's* area rather than IoU, a small difference from VOC's rule.
+intersection over the *detection's* area rather than IoU, a small difference from VOC's rule; the VOC
+metric itself (:mod:`harmonic.evaluation.voc`, reported beside COCO AP for these files) treats them as the
+devkit does.
 ``difficult="keep"`` keeps them as ordinary objects, ``difficult="drop"`` leaves them out.
 
 Messy exports. An XML ``<filename>`` whose extension disagrees with the image actually shipped

@@ -101,7 +101,9 @@ def voc_ap(recall: Sequence[float] | np.ndarray, precision: Sequence[float] | np
         return 0.0
     if method == "11point":
         total = 0.0
-        for t in np.linspace(0.0, 1.0, 11):
+        # t = k / 10, the double nearest each tenth: np.linspace / np.arange give 0.30000000000000004 and
+        # 0.7000000000000001, which a recall of exactly 3/10 or 7/10 would miss
+        for t in (k / 10.0 for k in range(11)):
             reached = prec[rec >= t]
             total += float(reached.max()) if reached.size else 0.0
         return total / 11.0

@@ -122,6 +122,13 @@ def test_ties_keep_the_input_order_and_duplicates_are_false_positives():
     assert tp.tolist() == [0, 1, 0] and fp.tolist() == [1, 0, 1]
 
 
+def test_eleven_points_are_exact_tenths():
+    # 7 true positives of 10 objects: recall reaches 0.7 exactly, so t = 0, 0.1, ..., 0.7 (8 points) count 1
+    recall = np.cumsum(np.ones(7)) / 10
+    assert voc_ap(recall, np.ones(7), "11point") == pytest.approx(8 / 11)
+    assert voc_ap(recall, np.ones(7), "area") == pytest.approx(0.7)
+
+
 def test_edge_cases_and_errors():
     assert voc_ap([], [], "11point") == 0.0 and voc_ap([], [], "area") == 0.0
     with pytest.raises(ValueError, match="method must be one of"):
