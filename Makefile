@@ -16,6 +16,7 @@ BENCH_ARGS ?= --threads 1
 help:
 	@echo "make test       set up .venv and run the whole test suite"
 	@echo "make reproduce  set up .venv and execute every notebook into results/ (PROFILE=$(PROFILE))"
+	@echo "                PROFILE=coco COCO_ROOT=... or PROFILE=voc VOC_ROOT=VOCdevkit; DRY_RUN=1 checks the data"
 	@echo "make lab        JupyterLab on localhost with the project's kernel"
 	@echo "make bench      loss and training-step benchmarks -> results/bench.json"
 	@echo "make lint       ruff"
@@ -35,7 +36,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 reproduce: $(STAMP)
-	$(PY) -m harmonic reproduce --profile $(PROFILE) $(if $(COCO_ROOT),--coco-root $(COCO_ROOT),) $(if $(DRY_RUN),--dry-run,)
+	$(PY) -m harmonic reproduce --profile $(PROFILE) $(if $(COCO_ROOT),--coco-root $(COCO_ROOT),) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT),) $(if $(DRY_RUN),--dry-run,)
 
 sweep: $(STAMP)
 	$(PY) -m harmonic reproduce --sweep $(SWEEP)

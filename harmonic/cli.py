@@ -109,47 +109,105 @@ def _voc2coco_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--split", help="with --voc-root: the image set, e.g. trainval or test")
     src.add_argument("--ann-dir", help="a folder of VOC .xml files")
     src.add_argument("--image-set", help="with --ann-dir: a file listing the image ids to convert")
+    src.add_argument("--image-dir", default=None,
+                     help="folder of the images, to fix <filename>s whose extension differs from the shipped file "
+                          "(default: JPEGImages/ of --voc-root when it exists; none with --ann-dir)")
     parser.add_argument("--out", required=True, help="COCO JSON file to write")
-    parser.add_argument(
+    classes = parser.add_mutually_exclusive_group()
+    classes.add_argument(
         "--classes", default=None,
         help="comma-separated class names in label order (default: the 20 VOC classes); 'auto': from the files",
     )
+    classes.add_argument("--classes-from", default=None, metavar="COCO.json",
+                         help="the class list (and so the category ids) of an earlier conversion, e.g. the "
+                              "trainval file when converting test")
     parser.add_argument("--difficult", choices=DIFFICULT_MODES, default="crowd",
                         help="difficult objects: crowd = ignore regions (default), keep, or drop")
 
 
-def _voc2coco(args: argparse.Namespace) -> int:
-    from harmonic.data.voc import VOC_CLASSES, VocError, voc_to_coco  # loaded when the command runs
-
+def _voc2coco_source(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
+    """``(annotations folder, image set file or None, image folder or None)`` of the voc2coco flags;
+    a ``ValueError`` whose message names the flag at fault."""
     if args.voc_root and args.ann_dir:
-        print("error: give either --voc-root or --ann-dir, not both", file=sys.stderr)
-        return 2
+        raise ValueError("give either --voc-root or --ann-dir, not both")
+    image_dir = Path(args.image_dir) if args.image_dir else None
+    if image_dir is not None and not image_dir.is_dir():
+        raise ValueError(f"--image-dir {image_dir}: no such folder")
     if args.voc_root:
+        root = Path(args.voc_root)
         if not args.split:
-            print("error: --voc-root needs --split (e.g. trainval, test)", file=sys.stderr)
-            return 2
-        source = Path(args.voc_root) / "Annotations"
-        image_set = Path(args.voc_root) / "ImageSets" / "Main" / f"{args.split}.txt"
-    elif args.ann_dir:
-        source, image_set = Path(args.ann_dir), args.image_set
-    else:
-        print("error: give --voc-root with --split, or --ann-dir", file=sys.stderr)
+            raise ValueError("--voc-root needs --split (e.g. trainval, test)")
+        if args.image_set:
+            raise ValueError("--image-set goes with --ann-dir; with --voc-root, name the image set with --split")
+        if not (root / "Annotations").is_dir():
+            raise ValueError(f"--voc-root {root}: no Annotations/ folder there (expected a VOC year folder such as "
+                             "VOCdevkit/VOC2007)")
+        image_set = root / "ImageSets" / "Main" / f"{args.split}.txt"
+        if not image_set.is_file():
+            known = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
+            raise ValueError(f"--split {args.split}: no image set {image_set} (image sets there: {known})")
+        if image_dir is None and (root / "JPEGImages").is_dir():
+            image_dir = root / "JPEGImages"
+        return root / "Annotations", image_set, image_dir
+    if args.ann_dir:
+        if args.split:
+            raise ValueError("--split goes with --voc-root; with --ann-dir, give an --image-set file")
+        if not Path(args.ann_dir).is_dir():
+            raise ValueError(f"--ann-dir {args.ann_dir}: no such folder")
+        if args.image_set and not Path(args.image_set).is_file():
+            raise ValueError(f"--image-set {args.image_set}: no such file")
+        return Path(args.ann_dir), Path(args.image_set) if args.image_set else None, image_dir
+    raise ValueError("give --voc-root with --split, or --ann-dir")
+
+
+def _voc2coco(args: argparse.Namespace) -> int:
+    """``python -m harmonic voc2coco``: 0 on success, 1 for data that cannot be converted, 2 for bad flags;
+    every message names the flag or the file at fault."""
+    # loaded when the command runs
+    from harmonic.data.voc import VOC_CLASSES, UnknownClassError, VocError, class_names_from_coco, voc_to_coco
+
+    try:
+        source, image_set, image_dir = _voc2coco_source(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.classes is None:
-        class_names: list[str] | tuple[str, ...] | None = VOC_CLASSES
+    if args.classes_from:
+        try:
+            class_names: list[str] | tuple[str, ...] | None = class_names_from_coco(args.classes_from)
+        except VocError as exc:
+            print(f"error: --classes-from: {exc}", file=sys.stderr)
+            return 2
+    elif args.classes is None:
+        class_names = VOC_CLASSES
     elif args.classes == "auto":
         class_names = None
     else:
         class_names = [c.strip() for c in args.classes.split(",") if c.strip()]
+        duplicates = sorted({c for c in class_names if class_names.count(c) > 1})
+        if not class_names or duplicates:
+            print(f"error: --classes {args.classes!r}: " + (f"duplicate names {duplicates}" if duplicates
+                  else "no class names"), file=sys.stderr)
+            return 2
     try:
-        coco = voc_to_coco(source, args.out, image_set=image_set, class_names=class_names, difficult=args.difficult)
-    except (VocError, ValueError, OSError) as exc:
+        coco = voc_to_coco(source, args.out, image_set=image_set, class_names=class_names, difficult=args.difficult,
+                           image_dir=image_dir)
+    except UnknownClassError as exc:
+        where = f"--classes-from {args.classes_from}" if args.classes_from else "--classes"
+        print(f"error: {exc}; add it to {where}, or pass --classes auto to take the classes from the files",
+              file=sys.stderr)
+        return 1
+    except VocError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"error: --out {args.out}: {exc}", file=sys.stderr)
+        return 1
     crowd = sum(a["iscrowd"] for a in coco["annotations"])
+    fixes = coco["info"]["file_name_fixes"]
     print(
         f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations "
-        f"({crowd} difficult as ignore regions), {len(coco['categories'])} categories"
+        f"({crowd} difficult as ignore regions), {len(coco['categories'])} categories, "
+        f"{fixes} <filename>(s) fixed to the image shipped with the same stem"
     )
     return 0
 
@@ -169,6 +227,9 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                              "for the smoke profile)")
     parser.add_argument("--coco-root", default=None,
                         help="COCO-format dataset root, passed to the notebooks that take coco_root")
+    parser.add_argument("--voc-root", default=None,
+                        help="a VOCdevkit folder (VOC2007/ and VOC2012/), for --profile voc: passed to the notebooks "
+                             "that take voc_root")
     parser.add_argument("--sweep", default=None, metavar="NAME",
                         help="run a named grid of training runs (harmonic.experiments.sweeps) instead of a profile")
     parser.add_argument("--dry-run", action="store_true",
@@ -196,7 +257,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         return run_named_sweep(args.sweep, args.results_dir or "results")
     try:
         return reproduce(args.profile, only=args.only, results_dir=args.results_dir, coco_root=args.coco_root,
-                         keep_going=args.keep_going, progress_bar=not args.no_progress, dry_run=args.dry_run, jobs=args.jobs)
+                         voc_root=args.voc_root, keep_going=args.keep_going, progress_bar=not args.no_progress, dry_run=args.dry_run, jobs=args.jobs)
     except ValueError as err:
         print(f"[reproduce] {err}", file=sys.stderr)
         return 2
@@ -273,6 +334,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 1
     coco = metrics["coco"]
     summary = {k: coco.get(k) for k in ("AP", "AP50", "AP75")}
+    if "voc" in metrics:  # the data came from PASCAL VOC: its metric beside COCO AP
+        summary.update(VOC_mAP_11point=metrics["voc"]["mAP_11point"], VOC_mAP_area=metrics["voc"]["mAP_area"])
     print(json.dumps(summary), f"-> {Path(out) / 'metrics.json'}")
     return 0
 
@@ -553,7 +616,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: evaluation failed: {err}", file=sys.stderr)
         return 1
     coco = metrics["coco"]
-    print(f"AP {coco['AP']:.4f}  AP50 {coco['AP50']:.4f}  AP75 {coco['AP75']:.4f}  -> {run_dir / 'metrics.json'}")
+    voc = metrics.get("voc")  # the data came from PASCAL VOC: its metric beside COCO AP
+    voc_text = f"  VOC mAP {voc['mAP_11point']:.4f} (11-point) {voc['mAP_area']:.4f} (area)" if voc and voc["mAP_area"] is not None else ""
+    print(f"AP {coco['AP']:.4f}  AP50 {coco['AP50']:.4f}  AP75 {coco['AP75']:.4f}{voc_text}  -> {run_dir / 'metrics.json'}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Evaluation: COCO metrics (:mod:`.coco`) and the prediction-consistency metrics (:mod:`.consistency`)
-of one set of predictions (:mod:`.predictions`), and the metrics file that carries both."""
+"""Evaluation: COCO metrics (:mod:`.coco`), the prediction-consistency metrics (:mod:`.consistency`) and,
+for data converted from PASCAL VOC, the VOC metric (:mod:`.voc`) of one set of predictions
+(:mod:`.predictions`), and the metrics file that carries them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from harmonic.evaluation.consistency import (
     score_iou_pairs,
 )
 from harmonic.evaluation.predictions import as_int
+from harmonic.evaluation.voc import is_voc_conversion, voc_ap, voc_evaluate
 from harmonic.utils.files import atomic_write_json
 from harmonic.utils.provenance import provenance
 
@@ -27,8 +29,11 @@ __all__ = [
     "consistency_metrics",
     "detections_to_coco",
     "evaluate_predictions",
+    "is_voc_conversion",
     "match_detections",
     "score_iou_pairs",
+    "voc_ap",
+    "voc_evaluate",
     "write_metrics",
 ]
 
@@ -43,7 +48,9 @@ def evaluate_predictions(
     verbose: bool = False,
     **consistency_kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
-    """``{"coco": coco_evaluate(...), "consistency": consistency_metrics(...)}`` for one set of predictions.
+    """``{"coco": coco_evaluate(...), "consistency": consistency_metrics(...)}`` for one set of predictions,
+    plus ``"voc": voc_evaluate(...)`` (VOC mAP, 11-point and area, per class) when ``coco_gt`` is a
+    conversion by :mod:`harmonic.data.voc` (:func:`is_voc_conversion`), over the same images.
 
     COCO metrics are computed over ``img_ids``; by default over the images in ``predictions`` (an image
     with no detections must still be listed, with empty arrays, to count), or over every image of the
@@ -57,7 +64,10 @@ def evaluate_predictions(
     coco = coco_evaluate(coco_gt, detections_to_coco(predictions, label_to_cat_id), iou_type,
                          img_ids=img_ids, verbose=verbose)
     consistency = consistency_metrics(predictions, coco_gt, label_to_cat_id, **consistency_kwargs)
-    return {"coco": coco, "consistency": consistency}
+    metrics: dict[str, dict[str, Any]] = {"coco": coco, "consistency": consistency}
+    if is_voc_conversion(coco_gt):
+        metrics["voc"] = voc_evaluate(predictions, coco_gt, label_to_cat_id, img_ids=img_ids)
+    return metrics
 
 
 def write_metrics(

@@ -3,6 +3,7 @@
 ::
 
     python -m harmonic reproduce --profile default|smoke [--only NAMES] [--results-dir DIR]
+    python -m harmonic reproduce --profile coco --coco-root COCO | --profile voc --voc-root VOCdevkit [--dry-run]
     python -m harmonic reproduce --sweep NAME       # a grid of 03_train_eval runs (harmonic.experiments.sweeps)
     python -m harmonic reproduce --list
 
@@ -13,8 +14,8 @@ tests run); it writes under ``results/smoke`` unless ``--results-dir`` says othe
 overwrites the real results. To add a notebook, add one line to each profile.
 
 Notebooks run with ``kernel_name="python3"`` and the repository root as working directory. The parameters
-``results_dir`` and ``coco_root`` (from ``--results-dir`` / ``--coco-root``) are passed to every notebook
-whose parameters cell declares them. An executed notebook is written to a temporary file and renamed
+``results_dir``, ``coco_root`` and ``voc_root`` (from ``--results-dir`` / ``--coco-root`` / ``--voc-root``)
+are passed to every notebook whose parameters cell declares them; the ``voc`` profile needs ``--voc-root``. An executed notebook is written to a temporary file and renamed
 when the run succeeds, so a failed run never leaves a half-written copy under the output name: its
 partial output is kept beside it as ``<output name>.failed.ipynb`` and the command exits non-zero.
 """
@@ -68,10 +69,18 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
         "04_convergence": [("04_convergence", _convergence("coco"))],
         "05_results": [("05_results", {"sweeps": ["coco"]})],
     },
+    # VOC07+12 trainval -> VOC07 test (make reproduce PROFILE=voc VOC_ROOT=VOCdevkit)
+    "voc": {
+        "03_train_eval": _training_entries("voc"),
+        "04_convergence": [("04_convergence", _convergence("voc"))],
+        "05_results": [("05_results", {"sweeps": ["voc"]})],
+    },
 }
-DEFAULT_RESULTS_DIRS = {"default": "results", "smoke": "results/smoke", "coco": "results/coco"}
+DEFAULT_RESULTS_DIRS = {"default": "results", "smoke": "results/smoke", "coco": "results/coco", "voc": "results/voc"}
 # Parameters filled from the command line, for the notebooks that declare them.
-COMMAND_LINE_PARAMETERS = ("results_dir", "coco_root")
+COMMAND_LINE_PARAMETERS = ("results_dir", "coco_root", "voc_root")
+# Profiles that cannot run without a dataset given on the command line: profile -> parameter
+REQUIRED_PARAMETERS = {"voc": "voc_root"}
 
 
 class NotebookError(RuntimeError):
@@ -251,6 +260,7 @@ def reproduce(
     only: list[str] | None = None,
     results_dir: str | Path | None = None,
     coco_root: str | Path | None = None,
+    voc_root: str | Path | None = None,
     keep_going: bool = False,
     progress_bar: bool = True,
     dry_run: bool = False,
@@ -264,8 +274,17 @@ def reproduce(
 
     ``dry_run``: run only the notebooks that declare a ``dry_run`` parameter (the training runs), with
     ``dry_run=True``: they check their data and train a few iterations, into ``*-dryrun`` outputs.
+
+    ``coco_root`` / ``voc_root``: the dataset folder of the ``coco`` / ``voc`` profile. Raises
+    ``ValueError`` (naming the command-line flag) when a profile's required folder is not given.
     """
     runs = select(profile, only)
+    given = {"coco_root": coco_root, "voc_root": voc_root}
+    required = REQUIRED_PARAMETERS.get(profile)
+    if required is not None and given[required] is None:
+        flag = "--" + required.replace("_", "-")
+        raise ValueError(f"profile {profile!r} needs {flag} (make reproduce PROFILE={profile} "
+                         f"{required.upper()}=...)")
     if dry_run:
         runs = [(stem, f"{name}-dryrun", {**params, "dry_run": True}) for stem, name, params in runs
                 if "dry_run" in declared_parameters(NOTEBOOKS_DIR / f"{stem}.ipynb")]
@@ -275,8 +294,9 @@ def reproduce(
         print(f"[reproduce] missing notebook(s) {missing} in {NOTEBOOKS_DIR}; nothing was run", file=sys.stderr)
         return 2
     extra = {"results_dir": _parameter_path(results_dir)}
-    if coco_root is not None:
-        extra["coco_root"] = _parameter_path(coco_root)
+    for key, value in given.items():
+        if value is not None:
+            extra[key] = _parameter_path(value)
     failures: list[str] = []
     jobs = resolve_jobs(jobs)
     started = time.perf_counter()

@@ -33,6 +33,19 @@ def coco_paths(coco_root: str | Path) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
+def voc_paths(voc_root: str | Path, results_dir: str | Path) -> dict[str, str]:
+    """Training and evaluation data of the VOC07+12 protocol: VOC2007 + VOC2012 trainval for training,
+    VOC2007 test for evaluation, converted once into ``<results_dir>/data/voc0712`` (see
+    :func:`harmonic.data.voc.prepare_voc0712`); a clear error naming what is missing under ``voc_root``."""
+    from harmonic.data.voc import prepare_voc0712  # the data package pulls in torchvision
+
+    return prepare_voc0712(voc_root, Path(results_dir) / "data" / "voc0712")
+
+
+# Presets whose recipe is defined by its global batch of 16 images, spread over the processes.
+GLOBAL_BATCH_PRESETS = {"coco-1x": 16, "voc": 16}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """What one run is: the detector and its loss, the data, the seed, where it goes and how it is launched.
@@ -40,7 +53,8 @@ class RunSpec:
     ``preset`` names a :data:`harmonic.engine.PRESETS` training recipe; ``loss_options`` are the
     :class:`harmonic.models.DetectorConfig` fields that define the loss, ``detector_overrides`` and
     ``train_overrides`` any other fields. ``dataset`` / ``image_dir`` / ``val_*``: None keeps the preset's.
-    ``coco_root``: a COCO 2017 folder, which sets all four. ``nproc_per_node`` > 1 (``"auto"``: one per
+    ``coco_root``: a COCO 2017 folder, which sets all four; ``voc_root``: a ``VOCdevkit`` folder, converted
+    to VOC07+12 trainval / VOC07 test (:func:`voc_paths`), which sets all four. ``nproc_per_node`` > 1 (``"auto"``: one per
     visible GPU) or ``torchrun_args`` (e.g. ``["--nnodes", "2", "--node_rank", "0", "--master_addr",
     "host0"]``) train through ``torch.distributed.run``. ``dry_run``: check the data layout, then train
     ``dry_run_iters`` iterations into ``<run_name>-dryrun`` (no evaluation).
@@ -63,6 +77,7 @@ class RunSpec:
     resume: bool = True
     results_dir: str = "results"
     coco_root: str | None = None
+    voc_root: str | None = None
     nproc_per_node: int | str = 1
     torchrun_args: list[str] = field(default_factory=list)
     dry_run: bool = False
@@ -77,6 +92,8 @@ class RunSpec:
                 raise TypeError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.torchrun_args, (list, tuple)):
             raise TypeError(f"torchrun_args must be a list of strings, got {type(self.torchrun_args).__name__}")
+        if self.coco_root is not None and self.voc_root is not None:
+            raise ValueError("coco_root and voc_root are alternatives; give one")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunSpec:
@@ -111,6 +128,8 @@ def build_run_config(spec: RunSpec):
     }
     if spec.coco_root is not None:
         changes.update(coco_paths(spec.coco_root))
+    if spec.voc_root is not None:
+        changes.update(voc_paths(spec.voc_root, spec.results_dir))
     for key in ("dataset", "image_dir", "val_dataset", "val_image_dir"):
         if getattr(spec, key) is not None:
             changes[key] = getattr(spec, key)
@@ -123,9 +142,9 @@ def run_experiment(spec: RunSpec | Mapping[str, Any]) -> dict[str, Any]:
 
     ``spec``: a :class:`RunSpec`, or a dict of its fields. Writes ``run.json`` first (what the run is:
     variant, seed, sweep), then training output, then ``metrics.json`` last, so a folder with
-    ``metrics.json`` is a finished run. Returns ``{"run_dir", "metrics", "config"}``. With a ``coco*``
-    preset the global batch of 16 images is spread over the processes (``batch_size`` per process =
-    16 / processes, unless ``train_overrides`` sets it).
+    ``metrics.json`` is a finished run. Returns ``{"run_dir", "metrics", "config"}``. With a preset of
+    :data:`GLOBAL_BATCH_PRESETS` (``coco-1x``, ``voc``) the global batch of 16 images is spread over the
+    processes (``batch_size`` per process = 16 / processes, unless ``train_overrides`` sets it).
     """
     from harmonic.engine.predict import evaluate  # engine pulls in torch and torchvision
     from harmonic.engine.training import train  # engine pulls in torchvision
@@ -134,12 +153,13 @@ def run_experiment(spec: RunSpec | Mapping[str, Any]) -> dict[str, Any]:
         spec = RunSpec.from_dict(spec)
     nproc = resolve_nproc(spec.nproc_per_node)
     train_overrides = dict(spec.train_overrides)
-    if spec.preset.startswith("coco") and "batch_size" not in train_overrides:
+    if spec.preset in GLOBAL_BATCH_PRESETS and "batch_size" not in train_overrides:
         world = nproc * _nnodes(spec.torchrun_args)
-        if 16 % world:
-            raise ValueError(f"the 1x recipe's batch of 16 images does not split over {world} processes; "
-                             "set train_overrides['batch_size']")
-        train_overrides["batch_size"] = 16 // world
+        batch = GLOBAL_BATCH_PRESETS[spec.preset]
+        if batch % world:
+            raise ValueError(f"the {spec.preset} recipe's batch of {batch} images does not split over {world} "
+                             "processes; set train_overrides['batch_size']")
+        train_overrides["batch_size"] = batch // world
     run_name = spec.run_name
     if spec.dry_run:
         run_name = f"{run_name}-dryrun"
@@ -213,6 +233,10 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     coco = metrics.get("coco", {})
     cons = metrics.get("consistency", {})
     lines = ["| " + " | ".join(coco) + " |", "|" + "---|" * len(coco), "| " + " | ".join(_fmt(v) for v in coco.values()) + " |", ""]
+    voc = metrics.get("voc")
+    if voc:
+        lines += ["| VOC mAP (11-point) | VOC mAP (area) |", "|---|---|",
+                  f"| {_fmt(voc.get('mAP_11point'))} | {_fmt(voc.get('mAP_area'))} |", ""]
     keys = [k for k in ("pearson", "spearman", "inconsistent_share", "high_score_poor_iou_share",
                         "low_score_good_iou_share", "nms_best_box_rate", "nms_mean_iou_gap", "n_detections",
                         "n_matched", "n_objects") if k in cons]

@@ -104,6 +104,10 @@ SWEEPS: dict[str, Sweep] = {
         Sweep("precision_bf16", ("baseline",), seeds=(0, 1),
               parameters={"preset": "shapes-cpu", "train_overrides": {"amp": "bf16", "channels_last": True}},
               description="the default study's baseline with bfloat16 autocast and channels_last"),
+        # PASCAL VOC07+12 (make reproduce PROFILE=voc VOC_ROOT=...); the paper's VOC settings are not
+        # known [R], so the recipe is a standard one [D] (harmonic.engine.config PRESETS["voc"])
+        Sweep("voc", ("baseline", "harmonic_hiou"), seeds=(0,), parameters={"preset": "voc", "nproc_per_node": "auto"},
+              description="PASCAL VOC07+12 trainval -> VOC07 test, RetinaNet R50-FPN, every GPU of the machine"),
         Sweep("detectors", ("baseline", "harmonic_hiou"), archs=("retinanet", "fcos", "faster_rcnn", "ssd"),
               description="the loss on each detector family"),
     )

@@ -1,11 +1,21 @@
 import json
+import re
 
 import pytest
 from PIL import Image
 
 from harmonic.cli import main as cli_main
 from harmonic.data import CocoDetection
-from harmonic.data.voc import VOC_CLASSES, VocError, parse_voc_xml, read_image_set, voc_to_coco
+from harmonic.data.voc import (
+    VOC_CLASSES,
+    UnknownClassError,
+    VocError,
+    class_names_from_coco,
+    merge_coco,
+    parse_voc_xml,
+    read_image_set,
+    voc_to_coco,
+)
 
 
 def _xml(filename="000001.jpg", size=(500, 375), objects=(), extra=""):
@@ -144,3 +154,111 @@ def test_cli_voc2coco(voc, tmp_path, capsys):
     assert cli_main(["voc2coco", "--ann-dir", str(voc / "Annotations"), "--out", str(out2), "--classes", "dog"]) == 1
     assert "unknown class" in capsys.readouterr().err
     assert cli_main(["voc2coco", "--voc-root", str(voc), "--out", str(out2)]) == 2
+
+
+def test_output_carries_the_voc_marker(voc):
+    info = voc_to_coco(voc / "Annotations")["info"]
+    assert info["source_format"] == "pascal_voc" and info["difficult"] == "crowd" and info["file_name_fixes"] == 0
+    assert info["description"] == "converted from PASCAL VOC XML by harmonic.data.voc"
+
+
+# ----------------------------------------------------------------------------------------------------
+# messy exports
+# ----------------------------------------------------------------------------------------------------
+def test_filename_extension_is_fixed_to_the_shipped_image(voc, tmp_path, capsys):
+    images = voc / "JPEGImages"
+    images.mkdir()
+    for stem in ("000001", "000005", "000007"):
+        Image.new("RGB", (4, 4)).save(images / f"{stem}.jpg")
+    # the export says .png where a .jpg is shipped, and one <filename> has no extension at all
+    (voc / "Annotations" / "000005.xml").write_text(_xml("000005.png", (500, 375), [("chair", (263, 211, 324, 339), 0)]))
+    (voc / "Annotations" / "000007.xml").write_text(_xml("000007", (500, 333), [("car", (141, 50, 500, 330), 0)]))
+    coco = voc_to_coco(voc / "Annotations", image_dir=images, file_prefix="VOC2007/JPEGImages/")
+    assert [i["file_name"] for i in coco["images"]] == [f"VOC2007/JPEGImages/{s}.jpg" for s in ("000001", "000005", "000007")]
+    assert coco["info"]["file_name_fixes"] == 2
+    # the command uses JPEGImages/ of --voc-root and prints the count
+    out = tmp_path / "tv.json"
+    assert cli_main(["voc2coco", "--voc-root", str(voc), "--split", "trainval", "--out", str(out)]) == 0
+    assert "2 <filename>(s) fixed to the image shipped with the same stem" in capsys.readouterr().out
+    assert [i["file_name"] for i in json.loads(out.read_text())["images"]] == ["000005.jpg", "000007.jpg"]
+    # no file with that stem, or several: an error naming the XML file
+    (images / "000007.jpg").unlink()
+    with pytest.raises(VocError, match=r"000007\.xml: <filename> '000007': no such image in .*JPEGImages"):
+        voc_to_coco(voc / "Annotations", image_dir=images)
+    for ext in ("jpg", "jpeg"):
+        Image.new("RGB", (4, 4)).save(images / f"000007.{ext}")
+    with pytest.raises(VocError, match=r"000007\.xml: .*several files there share its stem: \['000007\.jpeg', '000007\.jpg'\]"):
+        voc_to_coco(voc / "Annotations", image_dir=images)
+
+
+def test_splits_converted_separately_share_category_ids(voc, tmp_path, capsys):
+    sets = voc / "ImageSets" / "Main"
+    (sets / "test.txt").write_text("000001\n")  # dog, person: not the trainval classes (car, chair)
+    (sets / "all.txt").write_text("000001\n000005\n000007\n")
+    every = tmp_path / "all.json"
+    assert cli_main(["voc2coco", "--voc-root", str(voc), "--split", "all", "--out", str(every), "--classes", "auto"]) == 0
+    test = tmp_path / "test.json"
+    assert cli_main(["voc2coco", "--voc-root", str(voc), "--split", "test", "--out", str(test),
+                     "--classes-from", str(every)]) == 0
+    cats = {c["name"]: c["id"] for c in json.loads(every.read_text())["categories"]}
+    assert cats == {"car": 1, "chair": 2, "dog": 3, "person": 4}
+    assert json.loads(test.read_text())["categories"] == json.loads(every.read_text())["categories"]
+    assert [a["category_id"] for a in json.loads(test.read_text())["annotations"]] == [3, 4]
+    # --classes auto on test alone would have numbered dog 1: the reason for --classes-from
+    alone = voc_to_coco(voc / "Annotations", image_set=sets / "test.txt", class_names=None)
+    assert [a["category_id"] for a in alone["annotations"]] == [1, 2]
+    # a class the earlier conversion lacks is an error that names the flag
+    trainval = tmp_path / "trainval.json"
+    assert cli_main(["voc2coco", "--voc-root", str(voc), "--split", "trainval", "--out", str(trainval), "--classes", "auto"]) == 0
+    capsys.readouterr()
+    assert cli_main(["voc2coco", "--voc-root", str(voc), "--split", "test", "--out", str(test),
+                     "--classes-from", str(trainval)]) == 1
+    err = capsys.readouterr().err
+    assert "000001.xml: object 0 has unknown class 'dog'" in err and f"--classes-from {trainval}" in err
+    assert "class_names" not in err
+    with pytest.raises(UnknownClassError):
+        voc_to_coco(voc / "Annotations", class_names=class_names_from_coco(trainval))
+
+
+def test_class_list_and_merge_errors(voc, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]}))
+    with pytest.raises(VocError, match=r"bad\.json: category ids must be 1\.\.2, got \[1, 3\]"):
+        class_names_from_coco(bad)
+    with pytest.raises(VocError, match="class list file not found"):
+        class_names_from_coco(tmp_path / "none.json")
+    a = voc_to_coco([voc / "Annotations" / "000001.xml", voc / "Annotations" / "000005.xml"])
+    b = voc_to_coco([voc / "Annotations" / "000007.xml"])
+    merged = merge_coco([a, b])
+    assert [i["id"] for i in merged["images"]] == [1, 2, 3] and [i["voc_id"] for i in merged["images"]][-1] == "000007"
+    assert [x["id"] for x in merged["annotations"]] == [1, 2, 3, 4, 5]
+    assert merged["annotations"][-1]["image_id"] == 3 and merged["info"]["source_format"] == "pascal_voc"
+    with pytest.raises(VocError, match="part 1 has other categories"):
+        merge_coco([a, voc_to_coco([voc / "Annotations" / "000007.xml"], class_names=None)])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--voc-root", "{root}/nowhere", "--split", "trainval"], "--voc-root {root}/nowhere: no Annotations/ folder"),
+        (["--voc-root", "{voc}", "--split", "val"], r"--split val: no image set .*val\.txt \(image sets there: \['trainval'\]\)"),
+        (["--voc-root", "{voc}"], "--voc-root needs --split"),
+        (["--voc-root", "{voc}", "--split", "trainval", "--image-set", "x.txt"], "--image-set goes with --ann-dir"),
+        (["--ann-dir", "{root}/nowhere"], "--ann-dir {root}/nowhere: no such folder"),
+        (["--ann-dir", "{voc}/Annotations", "--split", "trainval"], "--split goes with --voc-root"),
+        (["--ann-dir", "{voc}/Annotations", "--image-set", "{root}/x.txt"], "--image-set {root}/x.txt: no such file"),
+        (["--ann-dir", "{voc}/Annotations", "--image-dir", "{root}/nowhere"], "--image-dir {root}/nowhere: no such folder"),
+        (["--ann-dir", "{voc}/Annotations", "--classes", "dog,cat,dog"], r"--classes 'dog,cat,dog': duplicate names \['dog'\]"),
+        (["--ann-dir", "{voc}/Annotations", "--classes-from", "{root}/x.json"], "--classes-from: class list file not found"),
+        ([], "give --voc-root with --split, or --ann-dir"),
+    ],
+)
+def test_cli_errors_name_the_flags(voc, tmp_path, capsys, args, message):
+    root = str(tmp_path)
+    args = [a.format(root=root, voc=voc) for a in args]
+    assert cli_main(["voc2coco", *args, "--out", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message.format(root=re.escape(root)), err), err
+    for python_name in ("class_names", "image_set=", "voc_root", "ann_dir"):
+        assert python_name not in err
+    assert not (tmp_path / "o.json").exists()
