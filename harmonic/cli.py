@@ -429,6 +429,7 @@ _DETECTOR_HELP = {
     "detections_per_img": "detections kept per image after NMS",
     "score_thresh": "score threshold before NMS",
     "crowd_iof_thresh": "ignore negatives lying more than this fraction inside a crowd box",
+    "refinedet_harmonic_arm": "RefineDet with --loss harmonic: the Harmonic loss on the anchor refinement module too [D]",
 }
 
 
@@ -524,7 +525,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _TRAIN_EPILOG
     parser.description = (
-        "Train a detector (RetinaNet, FCOS, Faster R-CNN, SSD) with its own losses or the Harmonic loss,\n"
+        "Train a detector (RetinaNet, FCOS, Faster R-CNN, SSD, RefineDet) with its own losses or the Harmonic loss,\n"
         "writing a resumable run folder; then evaluate it on the validation data."
     )
     from harmonic.engine.config import AMP_MODES, DEVICES, PRESETS, TrainConfig  # torch and torchvision

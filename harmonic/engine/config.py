@@ -164,7 +164,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig.detector: unknown key(s) {unknown}; DetectorConfig fields are {names}")
         if "arch" not in self.detector:
-            raise ValueError("TrainConfig.detector needs an 'arch' (one of retinanet, fcos, faster_rcnn, ssd)")
+            raise ValueError("TrainConfig.detector needs an 'arch' (one of retinanet, fcos, faster_rcnn, ssd, refinedet)")
         try:  # full validation now, with a placeholder class count when it comes from the dataset
             DetectorConfig.from_dict({"num_classes": 1, **self.detector})
         except (TypeError, ValueError) as err:

@@ -6,7 +6,8 @@ stopped; a run that fails is reported with the path of its executed notebook and
 sweep's status is written to ``results/sweeps/<name>.json``.
 
 Variants change only the loss options of the detector: the protocol is that the model, assigner,
-schedule and data stay the same, and only the loss changes.
+schedule and data stay the same, and only the loss changes. A sweep over several architectures may give
+each architecture its own detector settings (``arch_overrides``), the same for all of its variants.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Sweep:
     archs: tuple[str, ...] = ("retinanet",)
     parameters: dict[str, Any] = field(default_factory=dict)  # extra notebook parameters
     description: str = ""
+    # per architecture: DetectorConfig fields over the preset's (the notebook's detector_overrides)
+    arch_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def runs(self) -> list[tuple[str, dict[str, Any]]]:
         """(run name, notebook parameters) for every arch x seed x variant.
@@ -66,6 +69,8 @@ class Sweep:
             params.update(
                 run_name=name, variant=variant, seed=seed, sweep=self.name, arch=arch, loss_options=VARIANTS[variant]
             )
+            if arch in self.arch_overrides:
+                params["detector_overrides"] = dict(self.arch_overrides[arch])
             out.append((name, params))
         return out
 
@@ -108,8 +113,13 @@ SWEEPS: dict[str, Sweep] = {
         # known [R], so the recipe is a standard one [D] (harmonic.engine.config PRESETS["voc"])
         Sweep("voc", ("baseline", "harmonic_hiou"), seeds=(0,), parameters={"preset": "voc", "nproc_per_node": "auto"},
               description="PASCAL VOC07+12 trainval -> VOC07 test, RetinaNet R50-FPN, every GPU of the machine"),
-        Sweep("detectors", ("baseline", "harmonic_hiou"), archs=("retinanet", "fcos", "faster_rcnn", "ssd"),
-              description="the loss on each detector family"),
+        # the default preset's anchors are RetinaNet's (3 sizes, 5 levels): FCOS and SSD keep their own
+        # [D]; RefineDet gets one anchor of 2 x stride on its 4 levels, the preset's rule for small
+        # shapes on 160 px images (the RefineDet paper: 4 x stride on 320 / 512 px images [R]) [D]
+        Sweep("detectors", ("baseline", "harmonic_hiou"), archs=("retinanet", "fcos", "faster_rcnn", "ssd", "refinedet"),
+              description="the loss on each detector family",
+              arch_overrides={"fcos": {"anchor_sizes": None}, "ssd": {"anchor_sizes": None},
+                              "refinedet": {"anchor_sizes": [[16], [32], [64], [128]]}}),
     )
 }
 

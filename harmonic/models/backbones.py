@@ -7,6 +7,12 @@ Faster R-CNN: C2-C5 + max-pool level, strides 4-64) with a configurable FPN widt
   strides as the ResNet-FPN layouts and the same default anchors apply (torchvision's own MobileNet FPN
   uses two stride-32 outputs with five anchor sizes per level).
 * SSD on an FPN backbone (the small SSD option) puts SSD default boxes on the RetinaNet-style levels.
+* RefineDet on an FPN backbone takes the stride 8-32 levels plus a max-pooled stride-64 level (the
+  Faster R-CNN extra block) as its four source layers, the strides of RefineDet512's.
+
+RefineDet's VGG16 (:class:`RefineDetVGG16`) follows Zhang et al., "Single-Shot Refinement Neural Network
+for Object Detection" (CVPR 2018), Sec. 3 [R]: conv4_3 and conv5_3 (each with an L2Norm layer), fc6/fc7 as
+convolutions (conv6/conv7) after pool5, and the extra conv6_1/conv6_2, at strides 8, 16, 32 and 64.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ class Float32LastLevelP6P7(LastLevelP6P7):
         with torch.autocast(device_type=p[-1].device.type, enabled=False):
             return super().forward([t.float() for t in p], [t.float() for t in c], names)
 
-__all__ = ["build_backbone", "default_anchor_sizes", "group_norm", "level_strides"]
+
+__all__ = ["Float32LastLevelP6P7", "L2Norm", "RefineDetVGG16", "build_backbone", "default_anchor_sizes", "group_norm", "level_strides"]
 
 _IMAGENET_WEIGHTS = {
     "resnet50_fpn": ("resnet50", "ResNet50_Weights", "IMAGENET1K_V1"),
@@ -113,12 +120,76 @@ def _freeze_stages(features: nn.Sequential, stage_indices: list[int], trainable_
 
 
 def _extra_blocks(arch: str, channels: int) -> nn.Module:
-    return LastLevelMaxPool() if arch == "faster_rcnn" else Float32LastLevelP6P7(channels, channels)
+    return LastLevelMaxPool() if arch in ("faster_rcnn", "refinedet") else Float32LastLevelP6P7(channels, channels)
+
+
+class L2Norm(nn.Module):
+    """Channel-wise L2 normalization with a learned per-channel scale (Liu et al., ParseNet; used by SSD and
+    RefineDet on conv4_3 and conv5_3 [R]): ``y[:, c] = scale[c] * x[:, c] / ||x||_2`` over channels.
+
+    ``initial_scale``: the scale's initial value (RefineDet's release: 10 on conv4_3, 8 on conv5_3, as we
+    recall it, not confirmed [D]); ``eps`` keeps an all-zero position finite.
+    """
+
+    def __init__(self, channels: int, initial_scale: float, eps: float = 1e-10) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((channels,), float(initial_scale)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = x.pow(2).sum(dim=1, keepdim=True).sqrt() + self.eps
+        return self.weight.view(1, -1, 1, 1) * x / norm
+
+
+class RefineDetVGG16(nn.Module):
+    """RefineDet512's VGG16 [R]: returns ``{"0": conv4_3 (L2Norm), "1": conv5_3 (L2Norm), "2": fc7,
+    "3": conv6_2}`` at strides 8, 16, 32, 64 with 512, 512, 1024, 512 channels (``out_channels``).
+
+    ``features`` is torchvision's ``vgg16().features`` (ImageNet weights or not); fc6 / fc7 become a 3x3
+    convolution of 1024 channels with dilation 3 and a 1x1 convolution, after a 2x2 stride-2 pool5 (the
+    paper: fc6 and fc7 "converted" into convolutions, conv6_1 / conv6_2 added; dilation 3 is the
+    authors' release as we recall it, not confirmed [R]). fc6 / fc7 start from torchvision's default
+    initialization, not from subsampled ImageNet fc weights, as torchvision's SSD300 does [D].
+    """
+
+    out_channels = (512, 512, 1024, 512)
+
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        pools = [i for i, block in enumerate(features) if isinstance(block, nn.MaxPool2d)]
+        if len(pools) != 5:
+            raise ValueError(f"features must be torchvision's VGG16 feature stack (5 max-pool layers), got {len(pools)}")
+        for index in pools[:4]:
+            features[index].ceil_mode = True  # sizes that are not multiples of 64 keep every position [D]
+        self.conv4_3 = features[: pools[3]]  # up to conv4_3's ReLU, stride 8
+        self.conv5_3 = features[pools[3] : pools[4]]  # pool4 .. conv5_3's ReLU, stride 16
+        self.norm4_3 = L2Norm(512, 10.0)
+        self.norm5_3 = L2Norm(512, 8.0)
+        self.fc7 = nn.Sequential(
+            nn.MaxPool2d(2, 2, ceil_mode=True),  # pool5, stride 32
+            nn.Conv2d(512, 1024, 3, padding=3, dilation=3),  # fc6 as conv6
+            nn.ReLU(inplace=True),
+            nn.Conv2d(1024, 1024, 1),  # fc7 as conv7
+            nn.ReLU(inplace=True),
+        )
+        self.conv6_2 = nn.Sequential(
+            nn.Conv2d(1024, 256, 1),  # conv6_1
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 512, 3, stride=2, padding=1),  # conv6_2, stride 64
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        c4 = self.conv4_3(x)
+        c5 = self.conv5_3(c4)
+        c7 = self.fc7(c5)
+        c6_2 = self.conv6_2(c7)
+        return {"0": self.norm4_3(c4), "1": self.norm5_3(c5), "2": c7, "3": c6_2}
 
 
 def build_backbone(cfg: DetectorConfig) -> nn.Module:
-    """The feature extractor of ``cfg``: a ``BackboneWithFPN`` (``out_channels = fpn_channels``), or
-    torchvision's SSD300 VGG16 extractor for ``backbone="vgg16"``."""
+    """The feature extractor of ``cfg``: a ``BackboneWithFPN`` (``out_channels = fpn_channels``), or for
+    ``backbone="vgg16"`` torchvision's SSD300 VGG16 extractor (SSD) or :class:`RefineDetVGG16` (RefineDet)."""
     backbone = cfg.resolved("backbone")
     trainable = cfg.resolved("trainable_backbone_layers")
     net = _classification_network(cfg)
@@ -126,6 +197,8 @@ def build_backbone(cfg: DetectorConfig) -> nn.Module:
         features = net.features
         stage_indices = [0] + [i for i, b in enumerate(features) if isinstance(b, nn.MaxPool2d)][:-1]
         _freeze_stages(features, stage_indices, trainable)
+        if cfg.arch == "refinedet":
+            return RefineDetVGG16(features)
         return SSDFeatureExtractorVGG(features, highres=False)
     if backbone.startswith("resnet"):
         _freeze_resnet(net, trainable)
@@ -145,6 +218,8 @@ def build_backbone(cfg: DetectorConfig) -> nn.Module:
 def level_strides(cfg: DetectorConfig) -> list[int]:
     """Strides of the feature levels that :func:`build_backbone` returns (FPN backbones)."""
     backbone = cfg.resolved("backbone")
+    if cfg.arch == "refinedet":
+        return [8, 16, 32, 64]
     if backbone == "vgg16":
         return [8, 16, 32, 64, 100, 300]
     if cfg.arch == "faster_rcnn":
@@ -158,12 +233,17 @@ def default_anchor_sizes(cfg: DetectorConfig) -> tuple[tuple[float, ...], ...]:
     torchvision's defaults: RetinaNet ``(x, x 2^(1/3), x 2^(2/3))`` for x = 32 ... 512 (truncated to int as
     torchvision does); Faster R-CNN ``(32,) ... (512,)``, one per level; FCOS the level strides. ``"auto"``
     multiplies RetinaNet / Faster R-CNN sizes by ``min_size / 800`` [D]; FCOS points stay stride-sized.
+    RefineDet: one size per level, 4 x the level's stride (Zhang et al., CVPR 2018, Sec. 3 [R]), which
+    ``"auto"`` multiplies by ``min_size / 512`` (RefineDet512's input) [D].
     """
     if isinstance(cfg.anchor_sizes, tuple):
         return cfg.anchor_sizes
     strides = level_strides(cfg)
     if cfg.arch == "fcos":
         return tuple((float(s),) for s in strides)
+    if cfg.arch == "refinedet":
+        scale = cfg.resolved("min_size") / 512.0 if cfg.anchor_sizes == "auto" else 1.0
+        return tuple((round(4.0 * s * scale, 3),) for s in strides)
     if cfg.arch == "retinanet":
         bases = [32 * 2**i for i in range(len(strides))]
         sizes = [(x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in bases]

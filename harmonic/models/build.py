@@ -6,11 +6,12 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSDHead
 
-from harmonic.models.backbones import build_backbone, default_anchor_sizes, level_strides
+from harmonic.models.backbones import RefineDetVGG16, build_backbone, default_anchor_sizes, level_strides
 from harmonic.models.common import StatsMixin, unwrap
 from harmonic.models.config import DetectorConfig
 from harmonic.models.faster_rcnn import HarmonicFasterRCNN
 from harmonic.models.fcos import HarmonicFCOS, HarmonicFCOSHead
+from harmonic.models.refinedet import ASPECT_RATIOS, HarmonicRefineDet, RefineDetHead
 from harmonic.models.retinanet import HarmonicRetinaNet, HarmonicRetinaNetHead
 from harmonic.models.ssd import HarmonicSSD
 
@@ -29,7 +30,8 @@ def build_detector(cfg: DetectorConfig) -> nn.Module:
     """The detector described by ``cfg``, with torchvision semantics.
 
     Train mode: ``model(images, targets) -> dict`` of scalar loss tensors (the host's keys, plus
-    ``task_contrasting`` when enabled). Eval mode: ``model(images) -> list`` of dicts with ``boxes``
+    ``task_contrasting`` when enabled; RefineDet adds its ARM's ``arm_classification`` and
+    ``arm_bbox_regression``). Eval mode: ``model(images) -> list`` of dicts with ``boxes``
     (xyxy, original image coordinates), ``scores`` and ``labels`` (1..K), plus the pre-NMS candidates
     when :func:`set_record_candidates` is on. ``images``: float tensors [3, H, W] in 0-1; targets:
     ``boxes`` [N, 4] xyxy, ``labels`` int64 1..K, optional ``crowd_boxes`` [M, 4].
@@ -60,6 +62,8 @@ def build_detector(cfg: DetectorConfig) -> nn.Module:
             f"DetectorConfig.anchor_sizes has {len(sizes)} levels but the {cfg.resolved('backbone')} backbone "
             f"of {cfg.arch} returns {num_levels} feature levels"
         )
+    if cfg.arch == "refinedet":
+        return _build_refinedet(cfg, backbone, sizes, options, post)
     if cfg.arch == "retinanet":
         anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * num_levels)
         head = HarmonicRetinaNetHead(
@@ -79,6 +83,19 @@ def build_detector(cfg: DetectorConfig) -> nn.Module:
     return HarmonicFasterRCNN(
         backbone, num_classes, options=options, min_size=min_size, max_size=max_size, rpn_anchor_generator=anchors,
         box_score_thresh=post["score_thresh"], box_detections_per_img=post["detections_per_img"],
+    )
+
+
+def _build_refinedet(cfg: DetectorConfig, backbone: nn.Module, sizes, options, post) -> nn.Module:
+    """RefineDet512 on VGG16 (TCB width 256, SSD300's input normalization) or on an FPN backbone (TCB
+    width ``fpn_channels``, ImageNet normalization) [D]."""
+    vgg = isinstance(backbone, RefineDetVGG16)
+    in_channels = list(backbone.out_channels) if vgg else [cfg.fpn_channels] * 4
+    head = RefineDetHead(in_channels, len(sizes[0]) * len(ASPECT_RATIOS), cfg.num_classes + 1, 256 if vgg else cfg.fpn_channels)
+    normalization = _SSD300_NORMALIZATION if vgg else {}
+    return HarmonicRefineDet(
+        backbone, head, level_strides(cfg), sizes, cfg.resolved("min_size"), cfg.num_classes, options=options,
+        harmonic_arm=cfg.refinedet_harmonic_arm, **normalization, **post,
     )
 
 

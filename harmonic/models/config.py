@@ -25,12 +25,14 @@ from harmonic.utils.checks import is_int, is_number
 
 __all__ = ["ARCHS", "BACKBONES", "COMPARISON_ARCHS", "LOSSES", "NORMS", "DetectorConfig"]
 
-ARCHS = ("retinanet", "fcos", "faster_rcnn", "ssd")
+ARCHS = ("retinanet", "fcos", "faster_rcnn", "ssd", "refinedet")
 FPN_BACKBONES = ("resnet50_fpn", "resnet18_fpn", "mobilenet_v3_fpn")
 BACKBONES = FPN_BACKBONES + ("vgg16",)
 LOSSES = ("baseline", "harmonic") + COMPARISON_LOSSES
 #: architectures each comparison loss is implemented for
 COMPARISON_ARCHS = ("retinanet",)
+#: backbones available to each architecture (vgg16 is the SSD300 / RefineDet512 network)
+ARCH_BACKBONES = {arch: FPN_BACKBONES for arch in ARCHS} | {"ssd": BACKBONES, "refinedet": BACKBONES}
 NORMS = ("frozen_bn", "bn", "gn")
 
 #: per-architecture defaults taken from torchvision's builders
@@ -39,7 +41,12 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "fcos": {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "detections_per_img": 100, "score_thresh": 0.2},
     "faster_rcnn": {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "detections_per_img": 100, "score_thresh": 0.05},
     "ssd": {"backbone": "vgg16", "min_size": 300, "max_size": 300, "detections_per_img": 200, "score_thresh": 0.01},
+    # RefineDet512 (Zhang et al., CVPR 2018 [R]); detections_per_img and score_thresh: the test settings of
+    # the authors' release as we recall them (keep_top_k 500, confidence 0.01), not confirmed [D]
+    "refinedet": {"backbone": "vgg16", "min_size": 512, "max_size": 512, "detections_per_img": 500, "score_thresh": 0.01},
 }
+#: architectures resized to a fixed square of ``min_size`` (``max_size`` is ignored)
+SQUARE_ARCHS = ("ssd", "refinedet")
 #: number of backbone stages that can be unfrozen, and torchvision's default when pretrained
 TRAINABLE_LAYERS = {"resnet50_fpn": (5, 3), "resnet18_fpn": (5, 3), "mobilenet_v3_fpn": (6, 3), "vgg16": (5, 4)}
 
@@ -52,12 +59,14 @@ class DetectorConfig:
 
     Fields (``None`` means "the architecture's torchvision default"):
 
-    * ``arch``: ``"retinanet"`` | ``"fcos"`` | ``"faster_rcnn"`` | ``"ssd"``.
+    * ``arch``: ``"retinanet"`` | ``"fcos"`` | ``"faster_rcnn"`` | ``"ssd"`` | ``"refinedet"`` (Zhang et al.,
+      "Single-Shot Refinement Neural Network for Object Detection", CVPR 2018; :mod:`harmonic.models.refinedet`).
     * ``num_classes``: K, the number of object classes *without* background. Targets carry labels 1..K
       for every architecture; outputs use the same labels.
     * ``backbone``: ``"resnet50_fpn"`` (the paper's [R]), ``"resnet18_fpn"``, ``"mobilenet_v3_fpn"``
       (small, for CPU runs), or for SSD ``"vgg16"`` (torchvision's SSD300; the default for SSD). SSD on
-      an FPN backbone is the small SSD option: default boxes on the FPN levels.
+      an FPN backbone is the small SSD option: default boxes on the FPN levels. RefineDet: ``"vgg16"``
+      (RefineDet512, the default) or an FPN backbone, whose stride 8-64 levels are the four source layers.
     * ``pretrained_backbone``: ``None`` (random init), ``"imagenet"`` (torchvision's own ImageNet
       weights, downloaded by torchvision on first use) or the path of a local ``state_dict`` file of the
       classification network (e.g. ``torchvision.models.resnet50().state_dict()``).
@@ -66,18 +75,25 @@ class DetectorConfig:
     * ``norm``: ``"frozen_bn"`` (default with a pretrained backbone), ``"bn"`` (default from scratch) or
       ``"gn"``; from-scratch runs need trainable norm layers, so ``"frozen_bn"`` needs a pretrained
       backbone. ``vgg16`` has no norm layers (leave ``None``).
-    * ``min_size``, ``max_size``: image resizing as torchvision's transform (SSD: a fixed square of
-      ``min_size``; ``vgg16`` SSD is fixed at 300).
+    * ``min_size``, ``max_size``: image resizing as torchvision's transform (SSD and RefineDet: a fixed
+      square of ``min_size``, ``max_size`` ignored; ``vgg16`` SSD is fixed at 300, ``vgg16`` RefineDet
+      takes a multiple of 64, 512 by default).
     * ``fpn_channels``: FPN width (torchvision: 256; smaller for CPU runs).
     * ``anchor_sizes``: ``None`` (torchvision's), ``"auto"`` (torchvision's scaled by ``min_size / 800``,
       for small images; FCOS keeps its stride-sized points and SSD its image-relative default boxes,
-      which already scale) or explicit sizes, one tuple per feature level.
+      which already scale; RefineDet's 4 x stride anchors are scaled by ``min_size / 512``) or explicit
+      sizes, one tuple per feature level.
     * ``loss`` and the loss options: see the module's table. ``loss="baseline"`` ignores them all, and
       so do the comparison losses ``"qfl"``, ``"varifocal"``, ``"iou_balanced"`` (RetinaNet only; they
       use ``fused`` alone).
     * ``detections_per_img``, ``score_thresh``: post-processing as torchvision.
     * ``crowd_iof_thresh``: RetinaNet / FCOS: a negative anchor whose box lies more than this fraction
-      inside a target's ``crowd_boxes`` is ignored [D]. Faster R-CNN and SSD ignore ``crowd_boxes``.
+      inside a target's ``crowd_boxes`` is ignored [D]. Faster R-CNN, SSD and RefineDet ignore
+      ``crowd_boxes``.
+    * ``refinedet_harmonic_arm``: RefineDet with ``loss="harmonic"``: also apply the Harmonic loss to the
+      anchor refinement module's positives (its binary cross-entropy as a two-column softmax, so
+      beta_c = objectness of the positive) [D]; off by default, when the Harmonic loss covers the object
+      detection module only.
     """
 
     arch: str
@@ -103,6 +119,7 @@ class DetectorConfig:
     detections_per_img: int | None = None
     score_thresh: float | None = None
     crowd_iof_thresh: float = 0.5
+    refinedet_harmonic_arm: bool = False
 
     # ------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -113,8 +130,11 @@ class DetectorConfig:
         backbone = self.resolved("backbone")
         if backbone not in BACKBONES:
             raise ValueError(f"DetectorConfig.backbone must be one of {BACKBONES} or None, got {self.backbone!r}")
-        if backbone == "vgg16" and self.arch != "ssd":
-            raise ValueError(f'DetectorConfig.backbone="vgg16" is only available for arch="ssd", not {self.arch!r}')
+        if backbone not in ARCH_BACKBONES[self.arch]:
+            raise ValueError(
+                f"DetectorConfig.backbone={backbone!r} is not available for arch={self.arch!r}; choose one of "
+                f"{ARCH_BACKBONES[self.arch]} (vgg16 only for arch in ('ssd', 'refinedet'))"
+            )
         if self.pretrained_backbone is not None and (
             not isinstance(self.pretrained_backbone, str) or not self.pretrained_backbone
         ):
@@ -148,6 +168,16 @@ class DetectorConfig:
             raise ValueError(f"DetectorConfig.score_thresh must be None or a number in [0, 1), got {self.score_thresh!r}")
         if not is_number(self.crowd_iof_thresh) or not 0 < self.crowd_iof_thresh <= 1:
             raise ValueError(f"DetectorConfig.crowd_iof_thresh must be a number in (0, 1], got {self.crowd_iof_thresh!r}")
+        self._check_refinedet_switch()
+
+    def _check_refinedet_switch(self) -> None:
+        if not isinstance(self.refinedet_harmonic_arm, bool):
+            raise ValueError(f"DetectorConfig.refinedet_harmonic_arm must be a bool, got {self.refinedet_harmonic_arm!r}")
+        if self.refinedet_harmonic_arm and (self.arch != "refinedet" or self.loss != "harmonic"):
+            raise ValueError(
+                'DetectorConfig.refinedet_harmonic_arm=True needs arch="refinedet" and loss="harmonic" (it puts '
+                f"the Harmonic loss on RefineDet's anchor refinement module), got arch={self.arch!r}, loss={self.loss!r}"
+            )
 
     def _check_backbone_training(self, backbone: str) -> None:
         max_layers, _ = TRAINABLE_LAYERS[backbone]
@@ -180,9 +210,14 @@ class DetectorConfig:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"DetectorConfig.{name} must be None or an int >= 1, got {value!r}")
-        if backbone == "vgg16" and self.min_size not in (None, 300):
+        if backbone == "vgg16" and self.arch == "ssd" and self.min_size not in (None, 300):
             raise ValueError(f"DetectorConfig.min_size must be 300 (or None) for the vgg16 SSD300, got {self.min_size!r}")
-        if self.arch != "ssd" and self.resolved("max_size") < self.resolved("min_size"):
+        if backbone == "vgg16" and self.arch == "refinedet" and self.min_size is not None and self.min_size % 64:
+            raise ValueError(
+                "DetectorConfig.min_size must be a multiple of 64 (or None: 512) for the vgg16 RefineDet, so that its "
+                f"four source layers have strides 8/16/32/64 exactly (the paper's 320 and 512), got {self.min_size!r}"
+            )
+        if self.arch not in SQUARE_ARCHS and self.resolved("max_size") < self.resolved("min_size"):
             raise ValueError(
                 f"DetectorConfig.max_size ({self.resolved('max_size')}) must be >= min_size ({self.resolved('min_size')})"
             )
@@ -220,7 +255,7 @@ class DetectorConfig:
         value = getattr(self, name)
         if value is not None:
             return value
-        if name == "max_size" and self.arch == "ssd":
+        if name == "max_size" and self.arch in SQUARE_ARCHS:
             return self.resolved("min_size")
         if name in ARCH_DEFAULTS[self.arch]:
             return ARCH_DEFAULTS[self.arch][name]

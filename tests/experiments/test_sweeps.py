@@ -11,7 +11,7 @@ def test_every_sweep_names_known_variants_and_unique_runs():
         for _, params in sweep.runs():
             assert params["variant"] in VARIANTS
             assert params["loss_options"] == VARIANTS[params["variant"]]
-    assert len(SWEEPS["detectors"].runs()) == 4 * 2 * 3
+    assert len(SWEEPS["detectors"].runs()) == 5 * 2 * 3
 
 
 def test_every_variant_is_a_valid_detector_config_for_its_sweeps_archs():
@@ -64,3 +64,16 @@ def test_run_sweep_skips_finished_and_survives_failures(tmp_path):
     status = run_sweep(sweep, tmp_path, run_notebook=lambda stem, params, out: calls.append(params["run_name"]))
     assert calls == ["t-harmonic-s0"]
     assert failed_runs(status) == []
+
+
+def test_detectors_sweep_gives_every_architecture_a_valid_detector():
+    from harmonic.experiments.run import RunSpec, build_run_config  # the engine pulls in torch
+
+    archs = set()
+    for _, params in SWEEPS["detectors"].runs():
+        config = build_run_config(RunSpec.from_dict(params))  # raises on an invalid DetectorConfig
+        archs.add(config.detector["arch"])
+        assert config.detector["loss"] == params["loss_options"]["loss"]
+    assert archs == {"retinanet", "fcos", "faster_rcnn", "ssd", "refinedet"}
+    refinedet = dict(SWEEPS["detectors"].runs())["detectors-refinedet-baseline-s0"]
+    assert refinedet["detector_overrides"] == {"anchor_sizes": [[16], [32], [64], [128]]}
