@@ -54,9 +54,13 @@ from harmonic.models.head_loss import (
 )
 from harmonic.utils.checks import is_int, is_number
 
-__all__ = ["ARCHS", "BACKBONES", "COMPARISON_ARCHS", "LOSSES", "NORMS", "DetectorConfig"]
+__all__ = ["ARCHS", "BACKBONES", "COMPARISON_ARCHS", "LOSSES", "MASK_ARCHS", "NORMS", "TWO_STAGE_ARCHS", "DetectorConfig"]
 
-ARCHS = ("retinanet", "fcos", "faster_rcnn", "ssd")
+ARCHS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssd")
+#: two-stage architectures: RPN + RoI heads on a stride-4..64 FPN (Mask R-CNN is Faster R-CNN plus a mask branch)
+TWO_STAGE_ARCHS = ("faster_rcnn", "mask_rcnn")
+#: architectures that predict instance masks, and so train on targets with ``masks``
+MASK_ARCHS = ("mask_rcnn",)
 FPN_BACKBONES = ("resnet50_fpn", "resnet18_fpn", "mobilenet_v3_fpn")
 BACKBONES = FPN_BACKBONES + ("vgg16",)
 LOSSES = ("baseline", "harmonic") + COMPARISON_LOSSES
@@ -69,6 +73,7 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "retinanet": {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "detections_per_img": 300, "score_thresh": 0.05},
     "fcos": {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "detections_per_img": 100, "score_thresh": 0.2},
     "faster_rcnn": {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "detections_per_img": 100, "score_thresh": 0.05},
+    "mask_rcnn": {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "detections_per_img": 100, "score_thresh": 0.05},
     "ssd": {"backbone": "vgg16", "min_size": 300, "max_size": 300, "detections_per_img": 200, "score_thresh": 0.01},
 }
 #: number of backbone stages that can be unfrozen, and torchvision's default when pretrained
@@ -83,7 +88,9 @@ class DetectorConfig:
 
     Fields (``None`` means "the architecture's torchvision default"):
 
-    * ``arch``: ``"retinanet"`` | ``"fcos"`` | ``"faster_rcnn"`` | ``"ssd"``.
+    * ``arch``: ``"retinanet"`` | ``"fcos"`` | ``"faster_rcnn"`` | ``"mask_rcnn"`` | ``"ssd"``. ``"mask_rcnn"``
+      is ``"faster_rcnn"`` plus torchvision's mask branch (same backbones and options; the Harmonic loss
+      on the box head only, the mask loss unchanged); it trains on targets with ``masks``.
     * ``num_classes``: K, the number of object classes *without* background. Targets carry labels 1..K
       for every architecture; outputs use the same labels.
     * ``backbone``: ``"resnet50_fpn"`` (the paper's [R]), ``"resnet18_fpn"``, ``"mobilenet_v3_fpn"``
@@ -99,7 +106,8 @@ class DetectorConfig:
       backbone. ``vgg16`` has no norm layers (leave ``None``).
     * ``min_size``, ``max_size``: image resizing as torchvision's transform (SSD: a fixed square of
       ``min_size``; ``vgg16`` SSD is fixed at 300).
-    * ``fpn_channels``: FPN width (torchvision: 256; smaller for CPU runs).
+    * ``fpn_channels``: FPN width (torchvision: 256; smaller for CPU runs). Mask R-CNN's mask head (four
+      3x3 convs and the deconvolution) takes the same width [D]: at 256, torchvision's own layout.
     * ``anchor_sizes``: ``None`` (torchvision's), ``"auto"`` (torchvision's scaled by ``min_size / 800``,
       for small images; FCOS keeps its stride-sized points and SSD its image-relative default boxes,
       which already scale) or explicit sizes, one tuple per feature level.
@@ -108,7 +116,7 @@ class DetectorConfig:
       use ``fused`` alone).
     * ``detections_per_img``, ``score_thresh``: post-processing as torchvision.
     * ``crowd_iof_thresh``: RetinaNet / FCOS: a negative anchor whose box lies more than this fraction
-      inside a target's ``crowd_boxes`` is ignored [D]. Faster R-CNN and SSD ignore ``crowd_boxes``.
+      inside a target's ``crowd_boxes`` is ignored [D]. Faster R-CNN, Mask R-CNN and SSD ignore ``crowd_boxes``.
     """
 
     arch: str
@@ -263,6 +271,11 @@ class DetectorConfig:
             max_layers, pretrained_default = TRAINABLE_LAYERS[self.resolved("backbone")]
             return pretrained_default if self.pretrained_backbone is not None else max_layers
         return None
+
+    @property
+    def needs_masks(self) -> bool:
+        """True when the detector trains on instance masks (targets need ``masks``): ``arch`` in :data:`MASK_ARCHS`."""
+        return self.arch in MASK_ARCHS
 
     def harmonic_options(self) -> HarmonicOptions | None:
         """The :class:`~harmonic.models.head_loss.HarmonicOptions` of this config, or None for the baseline loss."""
