@@ -9,26 +9,29 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
-from harmonic.evaluation.coco import STAT_NAMES, coco_evaluate, detections_to_coco
+from harmonic.evaluation.coco import STAT_NAMES, coco_evaluate, detections_to_coco, segmentations_to_coco
 from harmonic.evaluation.consistency import (
     DetectionMatches,
     consistency_metrics,
     match_detections,
     score_iou_pairs,
 )
-from harmonic.evaluation.predictions import as_int
+from harmonic.evaluation.predictions import MASK_THRESHOLD, as_int, encode_masks
 from harmonic.utils.files import atomic_write_json
 from harmonic.utils.provenance import provenance
 
 __all__ = [
+    "MASK_THRESHOLD",
     "STAT_NAMES",
     "DetectionMatches",
     "coco_evaluate",
     "consistency_metrics",
     "detections_to_coco",
+    "encode_masks",
     "evaluate_predictions",
     "match_detections",
     "score_iou_pairs",
+    "segmentations_to_coco",
     "write_metrics",
 ]
 
@@ -43,12 +46,15 @@ def evaluate_predictions(
     verbose: bool = False,
     **consistency_kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
-    """``{"coco": coco_evaluate(...), "consistency": consistency_metrics(...)}`` for one set of predictions.
+    """``{"coco": coco_evaluate(...), "consistency": consistency_metrics(...)}`` for one set of predictions,
+    plus ``"coco_segm"`` (the same 12 numbers for ``iouType="segm"``) when the predictions carry ``masks``.
 
     COCO metrics are computed over ``img_ids``; by default over the images in ``predictions`` (an image
     with no detections must still be listed, with empty arrays, to count), or over every image of the
     ground truth when ``predictions`` is empty. ``consistency_kwargs`` go to
-    :func:`consistency_metrics` (thresholds).
+    :func:`consistency_metrics` (thresholds). Masks are all or nothing: if one prediction has ``masks``,
+    every one needs them (see :func:`segmentations_to_coco`), and every ground-truth annotation needs a
+    ``segmentation``; ``ValueError`` otherwise, naming the image or annotation.
     """
     predictions = list(predictions)
     if img_ids is None and predictions:
@@ -57,7 +63,11 @@ def evaluate_predictions(
     coco = coco_evaluate(coco_gt, detections_to_coco(predictions, label_to_cat_id), iou_type,
                          img_ids=img_ids, verbose=verbose)
     consistency = consistency_metrics(predictions, coco_gt, label_to_cat_id, **consistency_kwargs)
-    return {"coco": coco, "consistency": consistency}
+    metrics: dict[str, dict[str, Any]] = {"coco": coco, "consistency": consistency}
+    if any(isinstance(p, Mapping) and "masks" in p for p in predictions):
+        metrics["coco_segm"] = coco_evaluate(coco_gt, segmentations_to_coco(predictions, coco_gt, label_to_cat_id),
+                                             "segm", img_ids=img_ids, verbose=verbose)
+    return metrics
 
 
 def write_metrics(
