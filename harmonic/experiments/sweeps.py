@@ -97,7 +97,7 @@ SWEEPS: dict[str, Sweep] = {
         Sweep("coco", ("baseline", "harmonic_hiou"), seeds=(0,),
               parameters={"preset": "coco-1x", "nproc_per_node": "auto"},
               description="COCO 2017, RetinaNet R50-FPN, 1x schedule, every GPU of the machine"),
-        Sweep("detectors", ("baseline", "harmonic_hiou"), archs=("retinanet", "fcos", "faster_rcnn", "ssd"),
+        Sweep("detectors", ("baseline", "harmonic_hiou"), archs=("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssd"),
               description="the loss on each detector family"),
     )
 }

@@ -11,7 +11,7 @@ def test_every_sweep_names_known_variants_and_unique_runs():
         for _, params in sweep.runs():
             assert params["variant"] in VARIANTS
             assert params["loss_options"] == VARIANTS[params["variant"]]
-    assert len(SWEEPS["detectors"].runs()) == 4 * 2 * 3
+    assert len(SWEEPS["detectors"].runs()) == 5 * 2 * 3
 
 
 def test_every_variant_is_a_valid_detector_config_for_its_sweeps_archs():
