@@ -75,6 +75,9 @@ class HarmonicRoIHeads(StatsMixin, RoIHeads):
                     raise TypeError(f"target boxes must be of float type, got {t['boxes'].dtype}")
                 if t["labels"].dtype != torch.int64:
                     raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
+            for index, t in enumerate(targets):
+                if self.has_mask() and "masks" not in t:
+                    raise ValueError(f"targets[{index}] needs 'masks' [N, H, W] to train a detector with a mask branch")
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
@@ -100,9 +103,6 @@ class HarmonicRoIHeads(StatsMixin, RoIHeads):
 
     def mask_loss(self, features, proposals, image_shapes, targets, labels, matched_idxs) -> Tensor:
         """torchvision's ``maskrcnn_loss`` on the positive sampled RoIs (their matched targets' ``masks``)."""
-        for index, t in enumerate(targets):
-            if "masks" not in t:
-                raise ValueError(f"targets[{index}] needs 'masks' [N, H, W] to train a detector with a mask branch")
         positives = [torch.where(image_labels > 0)[0] for image_labels in labels]
         mask_proposals = [p[pos] for p, pos in zip(proposals, positives)]
         positive_matched_idxs = [m[pos] for m, pos in zip(matched_idxs, positives)]
