@@ -273,6 +273,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 1
     coco = metrics["coco"]
     summary = {k: coco.get(k) for k in ("AP", "AP50", "AP75")}
+    if "coco_segm" in metrics:  # a model that predicts masks: the mask AP beside the box AP
+        summary.update({f"segm_{k}": metrics["coco_segm"].get(k) for k in ("AP", "AP50", "AP75")})
     print(json.dumps(summary), f"-> {Path(out) / 'metrics.json'}")
     return 0
 
@@ -549,7 +551,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: evaluation failed: {err}", file=sys.stderr)
         return 1
     coco = metrics["coco"]
-    print(f"AP {coco['AP']:.4f}  AP50 {coco['AP50']:.4f}  AP75 {coco['AP75']:.4f}  -> {run_dir / 'metrics.json'}")
+    masks = f"  segm AP {metrics['coco_segm']['AP']:.4f}" if "coco_segm" in metrics else ""
+    print(f"AP {coco['AP']:.4f}  AP50 {coco['AP50']:.4f}  AP75 {coco['AP75']:.4f}{masks}  -> {run_dir / 'metrics.json'}")
     return 0
 
 

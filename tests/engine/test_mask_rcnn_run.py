@@ -13,18 +13,36 @@ from harmonic.evaluation import STAT_NAMES
 
 
 @pytest.fixture(scope="module")
-def mask_run(tmp_path_factory):
+def data_root(tmp_path_factory):
+    """shapes-tiny generated once for the module, found through ``$HARMONIC_DATA``."""
     from harmonic.data import ensure_default_dataset
 
     root = tmp_path_factory.mktemp("data")
     ensure_default_dataset("shapes-tiny", root=root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HARMONIC_DATA", str(root))
-        cfg = TrainConfig.preset(
-            "shapes-tiny", output_dir=str(tmp_path_factory.mktemp("runs") / "mask"), max_iters=2, checkpoint_every=2,
-            deterministic=True, num_threads=1, detector={"arch": "mask_rcnn", "loss": "harmonic"},
-        )
-        yield train(cfg, progress=False)
+        yield root
+
+
+@pytest.fixture(scope="module")
+def mask_run(data_root, tmp_path_factory):
+    """Two iterations of a tiny Mask R-CNN (Harmonic + HIoU on the box head) on shapes-tiny."""
+    cfg = TrainConfig.preset(
+        "shapes-tiny", output_dir=str(tmp_path_factory.mktemp("runs") / "mask"), max_iters=2, checkpoint_every=2,
+        deterministic=True, num_threads=1, detector={"arch": "mask_rcnn", "loss": "harmonic"},
+    )
+    return train(cfg, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
+def test_train_command_takes_arch_mask_rcnn_and_prints_segm_ap(data_root, tmp_path, capsys):
+    from harmonic.cli import main
+
+    argv = ["train", "--preset", "shapes-tiny", "--arch", "mask_rcnn", "--output-dir", str(tmp_path / "run"),
+            "--max-iters", "1", "--checkpoint-every", "1", "--deterministic", "--num-threads", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert "segm AP" in capsys.readouterr().out
+    assert "coco_segm" in json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
