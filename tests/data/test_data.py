@@ -394,6 +394,7 @@ def _mask_fixture(tmp_path, transforms=None):
     return _dataset(tmp_path, coco, transforms, masks=True), (ell, tri)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
 def test_masks_are_decoded_from_rle_and_polygons_one_per_box(tmp_path):
     dataset, (ell, tri) = _mask_fixture(tmp_path)
     _, target = dataset[0]
@@ -409,6 +410,7 @@ def test_masks_are_decoded_from_rle_and_polygons_one_per_box(tmp_path):
     assert "masks" not in plain[0][1]  # masks=False: no segmentation needed, none given
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
 def test_training_flip_and_resize_transform_the_masks_with_the_boxes(tmp_path):
     plain, _ = _mask_fixture(tmp_path)
     _, expected = plain[0]
@@ -429,6 +431,7 @@ def test_training_flip_and_resize_transform_the_masks_with_the_boxes(tmp_path):
     assert torch.equal(target["masks"], expected["masks"][[0, 2], :, 10:30])
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
 def test_bad_segmentations_name_file_and_annotation_id(tmp_path):
     cases = [
         (None, "missing key 'segmentation'"),
