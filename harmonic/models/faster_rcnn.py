@@ -76,7 +76,7 @@ class HarmonicRoIHeads(StatsMixin, RoIHeads):
                 if t["labels"].dtype != torch.int64:
                     raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
             for index, t in enumerate(targets):
-                if self.has_mask() and "masks" not in t:
+                if self.training and self.has_mask() and "masks" not in t:
                     raise ValueError(f"targets[{index}] needs 'masks' [N, H, W] to train a detector with a mask branch")
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
