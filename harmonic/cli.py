@@ -336,6 +336,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     summary = {k: coco.get(k) for k in ("AP", "AP50", "AP75")}
     if "voc" in metrics:  # the data came from PASCAL VOC: its metric beside COCO AP
         summary.update(VOC_mAP_11point=metrics["voc"]["mAP_11point"], VOC_mAP_area=metrics["voc"]["mAP_area"])
+    if "coco_segm" in metrics:  # a model that predicts masks: the mask AP beside the box AP
+        summary.update({f"segm_{k}": metrics["coco_segm"].get(k) for k in ("AP", "AP50", "AP75")})
     print(json.dumps(summary), f"-> {Path(out) / 'metrics.json'}")
     return 0
 
@@ -619,7 +621,8 @@ def _train(args: argparse.Namespace) -> int:
     coco = metrics["coco"]
     voc = metrics.get("voc")  # the data came from PASCAL VOC: its metric beside COCO AP
     voc_text = f"  VOC mAP {voc['mAP_11point']:.4f} (11-point) {voc['mAP_area']:.4f} (area)" if voc and voc["mAP_area"] is not None else ""
-    print(f"AP {coco['AP']:.4f}  AP50 {coco['AP50']:.4f}  AP75 {coco['AP75']:.4f}{voc_text}  -> {run_dir / 'metrics.json'}")
+    masks = f"  segm AP {metrics['coco_segm']['AP']:.4f}" if "coco_segm" in metrics else ""
+    print(f"AP {coco['AP']:.4f}  AP50 {coco['AP50']:.4f}  AP75 {coco['AP75']:.4f}{masks}{voc_text}  -> {run_dir / 'metrics.json'}")
     return 0
 
 

@@ -108,15 +108,17 @@ def build_dataset(
     min_size: int | None = None,
     max_size: int | None = None,
     check_files: bool = True,
+    masks: bool = False,
 ) -> CocoDetection:
     """A :class:`CocoDetection` for a spec (see :func:`resolve_dataset`) with :func:`build_transforms`.
 
-    ``train`` selects the training transforms (random flip); default: ``split == "train"``.
+    ``train`` selects the training transforms (random flip); default: ``split == "train"``. ``masks``:
+    targets also carry instance ``masks`` (for detectors that predict them; see :class:`CocoDetection`).
     """
     image_path, ann_file = resolve_dataset(name_or_ann_file, split, image_dir, root=root)
     train = (split == "train") if train is None else bool(train)
     transforms = build_transforms(train, flip_prob=flip_prob, min_size=min_size, max_size=max_size)
-    return CocoDetection(image_path, ann_file, transforms, check_files=check_files)
+    return CocoDetection(image_path, ann_file, transforms, check_files=check_files, masks=masks)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -93,14 +93,21 @@ class CocoDetection(torch.utils.data.Dataset):
     * ``"image_id"``: int, the COCO image id;
     * ``"crowd_boxes"``: float32 ``[m, 4]`` XYXY, the ``iscrowd=1`` annotations, kept as ignore regions;
     * ``"area"``: float32 ``[n]``, the annotation's ``"area"`` (its box area when absent);
-    * ``"orig_size"``: ``(H, W)`` of the stored image, before any transform.
+    * ``"orig_size"``: ``(H, W)`` of the stored image, before any transform;
+    * ``"masks"``, only with ``masks=True`` (for detectors that predict masks, e.g. Mask R-CNN):
+      ``tv_tensors.Mask`` uint8 ``[n, H, W]``, one binary instance mask per row of ``"boxes"``, decoded
+      with pycocotools from each annotation's ``"segmentation"`` (COCO polygons, uncompressed RLE or
+      compressed RLE). Crowd annotations get no mask: they stay ignore regions (``"crowd_boxes"``).
 
     Images need ``id``, ``file_name`` (relative to ``image_dir``), ``width`` and ``height``; annotations
     need ``id``, ``image_id``, ``category_id`` and ``bbox``. The whole file is validated here, not mid-epoch: malformed JSON, missing keys, missing
     ids, an unknown ``category_id``, a box with negative width or height, duplicate ids and (with
     ``check_files``) missing image files raise :class:`DatasetError` naming the file and the id. Boxes
     with zero width or height after clipping are dropped with one :class:`DatasetWarning` giving the
-    count. Images without annotations are kept.
+    count. Images without annotations are kept. With ``masks=True`` every non-crowd annotation also needs
+    a ``"segmentation"``: a non-empty list of polygons (each an even number >= 6 of coordinates) or an RLE
+    dict ``{"size": [height, width], "counts": ...}`` of its image's size; anything else raises
+    :class:`DatasetError` naming the file and the annotation id.
 
     ``transforms``: a callable ``(image, target) -> (image, target)``, e.g. :func:`build_transforms`.
     """
@@ -112,10 +119,14 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: Callable | None = None,
         *,
         check_files: bool = True,
+        masks: bool = False,
     ) -> None:
+        if not isinstance(masks, bool):
+            raise TypeError(f"CocoDetection: masks must be True or False, got {masks!r}")
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
+        self.masks = masks
         data = load_coco_json(self.ann_file)
         self._categories(data["categories"])
         self._images(data["images"])
@@ -162,7 +173,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ids: list[int] = sorted(self._info)
 
     def _annotations(self, annotations: list) -> None:
-        per_image: dict[int, dict[str, list]] = {iid: {"boxes": [], "labels": [], "area": [], "crowd": []} for iid in self.ids}
+        per_image: dict[int, dict[str, list]] = {
+            iid: {"boxes": [], "labels": [], "area": [], "crowd": [], "segmentation": []} for iid in self.ids
+        }
         seen: set[int] = set()
         dropped: list[tuple[int, int]] = []
         for k, ann in enumerate(annotations):
@@ -206,6 +219,8 @@ class CocoDetection(torch.utils.data.Dataset):
             area = ann.get("area", w * h)
             if not is_number(area) or area < 0:
                 raise DatasetError(f"{where}: 'area' must be a finite number >= 0, got {area!r}")
+            if self.masks:
+                record["segmentation"].append(_checked_segmentation(ann.get("segmentation"), where, height, width))
             record["boxes"].append((x1, y1, x2, y2))
             record["labels"].append(self.cat_id_to_label[cid])
             record["area"].append(float(area))
@@ -227,6 +242,7 @@ class CocoDetection(torch.utils.data.Dataset):
             )
             for iid, r in per_image.items()
         }
+        self._segmentations = {iid: r["segmentation"] for iid, r in per_image.items()} if self.masks else {}
 
     def _check_files(self) -> None:
         missing = [iid for iid in self.ids if not (self.image_dir / self._info[iid][0]).is_file()]
@@ -270,7 +286,7 @@ class CocoDetection(torch.utils.data.Dataset):
         iid = self.ids[index]
         _, width, height = self._info[iid]
         boxes, labels, area, crowd = self._targets[iid]
-        return {
+        target = {
             "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes.copy()), format="XYXY", canvas_size=(height, width)),
             "labels": torch.from_numpy(labels.copy()),
             "image_id": iid,
@@ -278,6 +294,9 @@ class CocoDetection(torch.utils.data.Dataset):
             "area": torch.from_numpy(area.copy()),
             "orig_size": (height, width),
         }
+        if self.masks:
+            target["masks"] = tv_tensors.Mask(decode_segmentations(self._segmentations[iid], height, width))
+        return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         image, target = self.load_image(index), self.load_target(index)
@@ -290,6 +309,65 @@ class CocoDetection(torch.utils.data.Dataset):
             f"{type(self).__name__}(ann_file={str(self.ann_file)!r}, images={len(self)}, "
             f"classes={self.num_classes}, transforms={self.transforms!r})"
         )
+
+
+def _checked_segmentation(segmentation: Any, where: str, height: int, width: int) -> Any:
+    """``segmentation`` if it is COCO polygons or an RLE dict for a ``height`` x ``width`` image, else a
+    :class:`DatasetError` prefixed with ``where`` (the file and the annotation id)."""
+    if segmentation is None:
+        raise DatasetError(f"{where}: missing key 'segmentation' (instance masks were asked for: masks=True)")
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(is_int(v) for v in size)):
+            raise DatasetError(f"{where}: RLE 'segmentation' needs 'size' [height, width], got {size!r}")
+        if list(size) != [height, width]:
+            raise DatasetError(
+                f"{where}: RLE 'segmentation' has size {list(size)} but its image is [{height}, {width}] (height, width)"
+            )
+        if not (isinstance(counts, str) or (isinstance(counts, list) and all(is_int(c) and c >= 0 for c in counts))):
+            raise DatasetError(
+                f"{where}: RLE 'segmentation' needs 'counts' (a compressed string or a list of run lengths)"
+            )
+        if isinstance(counts, list) and sum(counts) != height * width:
+            raise DatasetError(
+                f"{where}: uncompressed RLE 'counts' sum to {sum(counts)}, not height x width = {height * width}"
+            )
+        return segmentation
+    if isinstance(segmentation, list) and segmentation:
+        for k, polygon in enumerate(segmentation):
+            if not (
+                isinstance(polygon, (list, tuple)) and len(polygon) >= 6 and len(polygon) % 2 == 0
+                and all(is_number(v) for v in polygon)
+            ):
+                raise DatasetError(
+                    f"{where}: polygon {k} of 'segmentation' must be an even number >= 6 of coordinates "
+                    "[x1, y1, x2, y2, ...]"
+                )
+        return segmentation
+    raise DatasetError(
+        f"{where}: 'segmentation' must be a non-empty list of polygons or an RLE dict (instance masks were "
+        f"asked for: masks=True), got {segmentation!r:.80}"
+    )
+
+
+def decode_segmentations(segmentations: Sequence[Any], height: int, width: int) -> torch.Tensor:
+    """COCO ``segmentation`` values (polygons, uncompressed or compressed RLE) -> uint8 masks ``[n, height, width]``.
+
+    Polygons are rasterized by pycocotools (the rule COCOeval uses for ``iouType="segm"``); an object of
+    several polygons is their union.
+    """
+    from pycocotools import mask as mask_utils
+
+    masks = np.zeros((len(segmentations), height, width), dtype=np.uint8)
+    for k, segmentation in enumerate(segmentations):
+        if isinstance(segmentation, list):  # polygons: one RLE each, merged
+            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = segmentation
+        masks[k] = mask_utils.decode(rle)
+    return torch.from_numpy(masks)
 
 
 def _make_coco(data: dict):

@@ -6,6 +6,11 @@ reused. The paper's claim is that inconsistent score / box predictions are worst
 and occlusion [A]; this dataset makes both common at a size that trains on a CPU. It is a stand-in
 chosen by this project, not a dataset of the paper (which uses PASCAL VOC and MS COCO [A]).
 
+Each annotation's ``"segmentation"`` is the COCO RLE (``pycocotools.mask.encode``) of the object's
+*visible* pixels: its outline polygon (minus its hole, for rings and crescents) minus every object drawn
+over it, so an image's masks never overlap and Mask R-CNN trains on what is seen. Its ``"bbox"`` is the
+amodal box of the whole shape (see :func:`render_shapes_image`), which encloses the visible mask.
+
 The written files are ordinary COCO: read them with :class:`harmonic.data.CocoDetection` (or through
 :func:`harmonic.data.build_dataset`, which also accepts the preset names). Every public name here is
 also importable from :mod:`harmonic.data`.

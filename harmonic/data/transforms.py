@@ -1,5 +1,5 @@
 """Detection transforms: ``torchvision.transforms.v2`` applied to an ``(image, target)`` pair, keeping
-boxes, labels, areas and the crowd (ignore) boxes consistent."""
+boxes, labels, areas, instance masks and the crowd (ignore) boxes consistent."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ class DetectionTransform:
     at load time; ``SanitizeBoundingBoxes`` is not used for this because its ``min_size >= 1`` would also
     drop sub-pixel boxes that the dataset keeps). ``area`` is rescaled by the change of each box's area,
     which is exact for flips and resizes.
+
+    A target's ``masks`` ([n, H, W], one per box; :class:`CocoDetection` with ``masks=True``) go through the
+    same transforms as a ``tv_tensors.Mask`` (flipped, resized with nearest-neighbour sampling, cropped as
+    the image) and keep the rows of the boxes that are kept; they come out as a ``tv_tensors.Mask`` of the
+    same dtype, the transformed image's size.
     """
 
     def __init__(self, transforms: Sequence[Callable] = ()) -> None:
@@ -39,15 +44,27 @@ class DetectionTransform:
         n = boxes.shape[0]
         every = torch.cat([boxes, crowd.to(boxes)])
         rows = torch.arange(every.shape[0])
+        masks = target.get("masks")
+        if masks is not None:
+            masks = torch.as_tensor(masks).as_subclass(torch.Tensor)
+            if masks.shape != (n, height, width):
+                raise ValueError(
+                    f"target 'masks' must have shape [{n}, {height}, {width}] (one per box, the image's size), "
+                    f"got {list(masks.shape)}"
+                )
         if self._pipeline is not None:
             sample = {
                 "boxes": tv_tensors.BoundingBoxes(every, format="XYXY", canvas_size=(height, width)),
                 "labels": rows,
             }
+            if masks is not None:
+                sample["masks"] = tv_tensors.Mask(masks)
             image, sample = self._pipeline(tv_tensors.Image(image), sample)
             image = image.as_subclass(torch.Tensor)
             every = sample["boxes"].as_subclass(torch.Tensor).reshape(-1, 4)
             rows = sample["labels"].as_subclass(torch.Tensor)
+            if masks is not None:
+                masks = sample["masks"].as_subclass(torch.Tensor)
         new_h, new_w = image.shape[-2:]
         every = torch.stack(
             [every[:, 0].clamp(0, new_w), every[:, 1].clamp(0, new_h), every[:, 2].clamp(0, new_w), every[:, 3].clamp(0, new_h)],
@@ -61,6 +78,8 @@ class DetectionTransform:
         out["boxes"] = tv_tensors.BoundingBoxes(every[is_object], format="XYXY", canvas_size=(new_h, new_w))
         out["labels"] = target["labels"][kept]
         out["crowd_boxes"] = every[~is_object]
+        if masks is not None:
+            out["masks"] = tv_tensors.Mask(masks[kept])
         if "area" in target:
             old = boxes[kept]
             ratio = _box_area(every[is_object]) / _box_area(old).clamp_min(torch.finfo(old.dtype).tiny)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from harmonic.engine.precision import AMP_MODES
-from harmonic.models import DetectorConfig
+from harmonic.models import ARCHS, DetectorConfig
 from harmonic.utils.checks import is_int, is_number
 from harmonic.utils.files import atomic_write_json
 
@@ -164,7 +164,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig.detector: unknown key(s) {unknown}; DetectorConfig fields are {names}")
         if "arch" not in self.detector:
-            raise ValueError("TrainConfig.detector needs an 'arch' (one of retinanet, fcos, faster_rcnn, ssd, refinedet)")
+            raise ValueError(f"TrainConfig.detector needs an 'arch' (one of {', '.join(ARCHS)})")
         try:  # full validation now, with a placeholder class count when it comes from the dataset
             DetectorConfig.from_dict({"num_classes": 1, **self.detector})
         except (TypeError, ValueError) as err:

@@ -1,5 +1,6 @@
-"""Prediction and evaluation of a checkpoint or model: :func:`predict` (boxes in the stored image's
-pixels) and :func:`evaluate` (COCO AP and prediction consistency, optionally written to a folder)."""
+"""Prediction and evaluation of a checkpoint or model: :func:`predict` (boxes, and masks where the model
+predicts them, in the stored image's pixels) and :func:`evaluate` (COCO AP, segm AP for masks, and
+prediction consistency, optionally written to a folder)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from harmonic.data import CocoDetection, build_dataset, collate_fn
 from harmonic.engine.checkpoints import load_model
 from harmonic.engine.config import DEVICES, TrainConfig
 from harmonic.engine.distributed import resolve_device
-from harmonic.evaluation import detections_to_coco, evaluate_predictions, score_iou_pairs, write_metrics
+from harmonic.evaluation import (
+    detections_to_coco,
+    encode_masks,
+    evaluate_predictions,
+    score_iou_pairs,
+    segmentations_to_coco,
+    write_metrics,
+)
 from harmonic.evaluation.figures import plot_score_vs_iou
 from harmonic.models import set_record_candidates
 from harmonic.ops.focal import backend_record
@@ -30,11 +39,22 @@ def _rescale_boxes(boxes: torch.Tensor, from_hw: Sequence[int], to_hw: Sequence[
     return boxes * boxes.new_tensor([sx, sy, sx, sy])
 
 
+def _resize_masks(masks: torch.Tensor, to_hw: Sequence[int]) -> torch.Tensor:
+    """Mask probabilities [n, 1, h, w] -> [n, 1, *to_hw] (bilinear); unchanged when the size is the same."""
+    if tuple(masks.shape[-2:]) == tuple(to_hw):
+        return masks
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, 1, *to_hw))
+    return F.interpolate(masks, size=tuple(to_hw), mode="bilinear", align_corners=False)
+
+
 def predict(model: nn.Module, dataset, *, batch_size: int = 8, device: str | torch.device = "cpu",
             num_workers: int = 0, progress: bool = True) -> list[dict[str, Any]]:
     """Run ``model`` (eval mode) over ``dataset``: one dict per image with ``image_id`` and the model's
     outputs on the CPU (``boxes`` xyxy in the stored image's pixels, ``scores``, ``labels`` 1..K, and the
-    ``candidate_*`` keys when recorded)."""
+    ``candidate_*`` keys when recorded). A model that predicts masks (Mask R-CNN) also gives ``masks``: one
+    COCO RLE dict per box, the mask probabilities resized (bilinear) to the stored image and binarized at
+    > 0.5 (:func:`harmonic.evaluation.encode_masks`), so the predictions of a whole dataset stay small."""
     from tqdm.auto import tqdm
 
 
@@ -53,6 +73,8 @@ def predict(model: nn.Module, dataset, *, batch_size: int = 8, device: str | tor
                     value = value.detach().cpu()
                     if key in ("boxes", "candidate_boxes"):
                         value = _rescale_boxes(value.float(), size, original)
+                    if key == "masks":
+                        value = encode_masks(_resize_masks(value.float(), original), f"image_id {pred['image_id']} 'masks'")
                     pred[key] = value
                 predictions.append(pred)
     return predictions
@@ -82,8 +104,9 @@ def evaluate(
     those the checkpoint was trained on.
 
     Returns the metrics of :func:`harmonic.evaluation.evaluate_predictions` (``{"coco": {AP, AP50, ...},
-    "consistency": {...}}``). With ``out_dir`` it also writes ``metrics.json`` (with provenance),
-    ``detections.json`` (COCO results format) and ``figures/score_vs_iou.png``.
+    "consistency": {...}}``, plus ``"coco_segm"``, the mask AP, for a model that predicts masks). With
+    ``out_dir`` it also writes ``metrics.json`` (with provenance), ``detections.json`` (COCO results
+    format; for masks also ``segmentations.json``, RLE) and ``figures/score_vs_iou.png``.
     """
     if not (is_int(batch_size) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -136,6 +159,8 @@ def evaluate(
             parameters.update(iteration=ckpt.get("iteration"), train_config=ckpt["config"], detector=ckpt["detector"])
             seed = ckpt["config"].get("seed")
         atomic_write_json(out_dir / "detections.json", detections_to_coco(predictions, mapping))
+        if "coco_segm" in metrics:
+            atomic_write_json(out_dir / "segmentations.json", segmentations_to_coco(predictions, dataset.coco, mapping))
         scores, ious = score_iou_pairs(predictions, dataset.coco, mapping)
         atomic_write_json(out_dir / "score_iou.json", {"scores": scores, "ious": ious})
         name = label or (Path(source).parent.parent.name if ckpt is not None else "model")

@@ -30,7 +30,7 @@ from harmonic.engine.config import RESUMABLE_CHANGES, TrainConfig, lr_at
 from harmonic.engine.distributed import Context, all_reduce_mean, gather, setup_context
 from harmonic.engine.precision import resolve_precision
 from harmonic.engine.sampling import EpochBatchSampler, SeededSamples, derive_seed, iters_per_epoch
-from harmonic.models import DetectorConfig, build_detector, get_stats
+from harmonic.models import MASK_ARCHS, DetectorConfig, build_detector, get_stats
 from harmonic.ops.focal import backend_record
 from harmonic.utils.files import atomic_torch_save, atomic_write_json
 from harmonic.utils.provenance import provenance
@@ -172,11 +172,12 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
         )
     ctx.barrier()  # every process has looked at the folder before process 0 writes to it
 
+    masks = cfg.detector.get("arch") in MASK_ARCHS  # Mask R-CNN trains on instance masks
     if ctx.is_main:  # a preset dataset is generated once, by process 0
-        dataset = build_dataset(cfg.dataset, "train", cfg.image_dir, train=True, flip_prob=cfg.flip_prob)
+        dataset = build_dataset(cfg.dataset, "train", cfg.image_dir, train=True, flip_prob=cfg.flip_prob, masks=masks)
     ctx.barrier()
     if not ctx.is_main:
-        dataset = build_dataset(cfg.dataset, "train", cfg.image_dir, train=True, flip_prob=cfg.flip_prob)
+        dataset = build_dataset(cfg.dataset, "train", cfg.image_dir, train=True, flip_prob=cfg.flip_prob, masks=masks)
     num_classes = cfg.detector.get("num_classes", dataset.num_classes)
     if num_classes != dataset.num_classes:
         raise ValueError(

@@ -10,28 +10,31 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
-from harmonic.evaluation.coco import STAT_NAMES, coco_evaluate, detections_to_coco
+from harmonic.evaluation.coco import STAT_NAMES, coco_evaluate, detections_to_coco, segmentations_to_coco
 from harmonic.evaluation.consistency import (
     DetectionMatches,
     consistency_metrics,
     match_detections,
     score_iou_pairs,
 )
-from harmonic.evaluation.predictions import as_int
+from harmonic.evaluation.predictions import MASK_THRESHOLD, as_int, encode_masks
 from harmonic.evaluation.voc import is_voc_conversion, voc_ap, voc_evaluate
 from harmonic.utils.files import atomic_write_json
 from harmonic.utils.provenance import provenance
 
 __all__ = [
+    "MASK_THRESHOLD",
     "STAT_NAMES",
     "DetectionMatches",
     "coco_evaluate",
     "consistency_metrics",
     "detections_to_coco",
+    "encode_masks",
     "evaluate_predictions",
     "is_voc_conversion",
     "match_detections",
     "score_iou_pairs",
+    "segmentations_to_coco",
     "voc_ap",
     "voc_evaluate",
     "write_metrics",
@@ -49,13 +52,16 @@ def evaluate_predictions(
     **consistency_kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
     """``{"coco": coco_evaluate(...), "consistency": consistency_metrics(...)}`` for one set of predictions,
-    plus ``"voc": voc_evaluate(...)`` (VOC mAP, 11-point and area, per class) when ``coco_gt`` is a
+    plus ``"coco_segm"`` (the same 12 numbers for ``iouType="segm"``) when the predictions carry ``masks``,
+    and ``"voc": voc_evaluate(...)`` (VOC mAP, 11-point and area, per class) when ``coco_gt`` is a
     conversion by :mod:`harmonic.data.voc` (:func:`is_voc_conversion`), over the same images.
 
     COCO metrics are computed over ``img_ids``; by default over the images in ``predictions`` (an image
     with no detections must still be listed, with empty arrays, to count), or over every image of the
     ground truth when ``predictions`` is empty. ``consistency_kwargs`` go to
-    :func:`consistency_metrics` (thresholds).
+    :func:`consistency_metrics` (thresholds). Masks are all or nothing: if one prediction has ``masks``,
+    every one needs them (see :func:`segmentations_to_coco`), and every ground-truth annotation needs a
+    ``segmentation``; ``ValueError`` otherwise, naming the image or annotation.
     """
     predictions = list(predictions)
     if img_ids is None and predictions:
@@ -67,6 +73,9 @@ def evaluate_predictions(
     metrics: dict[str, dict[str, Any]] = {"coco": coco, "consistency": consistency}
     if is_voc_conversion(coco_gt):
         metrics["voc"] = voc_evaluate(predictions, coco_gt, label_to_cat_id, img_ids=img_ids)
+    if any(isinstance(p, Mapping) and "masks" in p for p in predictions):
+        metrics["coco_segm"] = coco_evaluate(coco_gt, segmentations_to_coco(predictions, coco_gt, label_to_cat_id),
+                                             "segm", img_ids=img_ids, verbose=verbose)
     return metrics
 
 

@@ -12,7 +12,14 @@ from typing import Any
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from harmonic.evaluation.predictions import as_int, check_images, label_map, normalize_predictions, valid_xywh
+from harmonic.evaluation.predictions import (
+    as_int,
+    check_images,
+    label_map,
+    mask_rles,
+    normalize_predictions,
+    valid_xywh,
+)
 
 # The 12 numbers of ``COCOeval.summarize()`` for boxes and masks, in its order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -35,6 +42,36 @@ def detections_to_coco(predictions: Iterable[Mapping[str, Any]], label_to_cat_id
         for box, score, label in zip(xywh.tolist(), pred.scores.tolist(), pred.labels.tolist()):
             results.append(
                 {"image_id": pred.image_id, "category_id": mapping[label], "bbox": box, "score": score}
+            )
+    return results
+
+
+def segmentations_to_coco(
+    predictions: Iterable[Mapping[str, Any]], coco_gt: COCO, label_to_cat_id: Mapping[int, int]
+) -> list[dict]:
+    """Predictions with ``masks`` in the COCO results format for ``iouType="segm"``.
+
+    Each detection becomes ``{"image_id", "category_id", "segmentation": RLE, "score"}``, its mask as a
+    COCO RLE dict (``counts`` a string, JSON-serializable). No ``bbox`` is written: pycocotools then takes
+    the detection's area from its mask (with a ``bbox`` it would take the box's). ``coco_gt`` gives each
+    image's size, which the masks must have (the stored image's pixels). Raises ``ValueError`` naming the
+    image for a prediction without ``masks`` or with masks of the wrong count or size, and as
+    :func:`detections_to_coco` for the other fields.
+    """
+    mapping = label_map(label_to_cat_id)
+    predictions = list(predictions)
+    checked = normalize_predictions(predictions, mapping)
+    check_images(coco_gt, [p.image_id for p in checked])
+    results: list[dict] = []
+    for index, (raw, pred) in enumerate(zip(predictions, checked)):
+        where = f"predictions[{index}] (image_id {pred.image_id})"
+        if "masks" not in raw:
+            raise ValueError(f"{where}: missing key 'masks' (segm evaluation needs a mask per detection)")
+        image = coco_gt.imgs[pred.image_id]
+        rles = mask_rles(raw, len(pred.scores), (int(image["height"]), int(image["width"])), where)
+        for rle, score, label in zip(rles, pred.scores.tolist(), pred.labels.tolist()):
+            results.append(
+                {"image_id": pred.image_id, "category_id": mapping[label], "segmentation": rle, "score": score}
             )
     return results
 
@@ -104,10 +141,13 @@ def coco_evaluate(
     if img_ids is not None:
         img_ids = [as_int(i, "img_ids") for i in img_ids]
         check_images(coco_gt, img_ids)
+    needed = ("bbox", "area", "iscrowd") + (("segmentation",) if iou_type == "segm" else ())
     for ann in coco_gt.dataset.get("annotations", []):
-        for key in ("bbox", "area", "iscrowd"):
-            if key not in ann:
-                raise ValueError(f"coco_gt annotation {ann.get('id')!r}: missing key {key!r} (COCOeval needs it)")
+        for key in needed:
+            if key not in ann or (key == "segmentation" and not ann[key]):
+                raise ValueError(
+                    f"coco_gt annotation {ann.get('id')!r}: missing key {key!r} (COCOeval with iou_type={iou_type!r} needs it)"
+                )
 
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with sink:

@@ -3,8 +3,11 @@
 A prediction is one dict per image, ``{"image_id": int, "boxes": [n, 4] xyxy, "scores": [n],
 "labels": [n]}`` (tensors on any device, or arrays), labels contiguous ``1..K``; optionally the pre-NMS
 candidates ``"candidate_boxes"`` [c, 4], ``"candidate_scores"`` [c], ``"candidate_labels"`` [c] (after
-the score threshold / top-k, before NMS). Ground truth is a ``pycocotools.coco.COCO`` object with
-``label_to_cat_id`` (contiguous label -> COCO category id).
+the score threshold / top-k, before NMS); for detectors that predict masks, ``"masks"``: one instance
+mask per box, either an array [n, 1, H, W] or [n, H, W] in the image's pixels (probabilities, binarized
+at > 0.5 as torchvision's references do, or binary) or a list of n COCO RLE dicts (:func:`encode_masks`).
+Ground truth is a ``pycocotools.coco.COCO`` object with ``label_to_cat_id`` (contiguous label -> COCO
+category id).
 """
 
 from __future__ import annotations
@@ -131,6 +134,59 @@ def normalize_predictions(
             candidates = _boxes_scores_labels(pred, CANDIDATE_KEYS, where, mapping)
         out.append(ImagePredictions(image_id, boxes, scores, labels, candidates))
     return out
+
+
+#: a predicted mask probability above this is inside the mask (torchvision's detection references)
+MASK_THRESHOLD = 0.5
+
+
+def encode_masks(masks: Any, where: str = "masks") -> list[dict[str, Any]]:
+    """Instance masks -> COCO RLE dicts ``{"size": [H, W], "counts": str}`` (JSON-serializable).
+
+    ``masks``: a tensor or array [n, 1, H, W] or [n, H, W]: bool, integer (0 / 1) or float probabilities
+    (inside where > :data:`MASK_THRESHOLD`). ``where`` names the value in errors.
+    """
+    from pycocotools import mask as mask_utils
+
+    array = _to_numpy(masks, where)
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 3:
+        raise ValueError(f"{where}: expected masks of shape [n, 1, H, W] or [n, H, W], got {array.shape}")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError(f"{where}: contains NaN or infinite mask values")
+        binary = array > MASK_THRESHOLD
+    elif array.dtype.kind in "biu":
+        binary = array > 0
+    else:
+        raise ValueError(f"{where}: expected bool, integer or float masks, got dtype {array.dtype}")
+    rles = []
+    for mask in binary:
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rles.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
+    return rles
+
+
+def mask_rles(pred: Mapping[str, Any], n: int, size: tuple[int, int], where: str) -> list[dict[str, Any]]:
+    """The ``"masks"`` of one prediction with ``n`` boxes on an image of ``size`` (H, W), as RLE dicts;
+    ``ValueError`` naming the image for a count or size that does not match."""
+    masks = pred["masks"]
+    if isinstance(masks, (list, tuple)) and all(isinstance(m, Mapping) for m in masks):
+        rles = [dict(m) for m in masks]
+        for k, rle in enumerate(rles):
+            if "size" not in rle or "counts" not in rle:
+                raise ValueError(f"{where} 'masks': RLE {k} needs 'size' and 'counts'")
+    else:
+        rles = encode_masks(masks, f"{where} 'masks'")
+    if len(rles) != n:
+        raise ValueError(f"{where} 'masks': expected {n} masks (one per box), got {len(rles)}")
+    for k, rle in enumerate(rles):
+        if [int(v) for v in rle["size"]] != list(size):
+            raise ValueError(
+                f"{where} 'masks': mask {k} is {list(rle['size'])} (H, W) but the image is {list(size)}"
+            )
+    return rles
 
 
 def check_images(coco_gt: COCO, image_ids: Iterable[int]) -> None:

@@ -116,7 +116,7 @@ SWEEPS: dict[str, Sweep] = {
         # the default preset's anchors are RetinaNet's (3 sizes, 5 levels): FCOS and SSD keep their own
         # [D]; RefineDet gets one anchor of 2 x stride on its 4 levels, the preset's rule for small
         # shapes on 160 px images (the RefineDet paper: 4 x stride on 320 / 512 px images [R]) [D]
-        Sweep("detectors", ("baseline", "harmonic_hiou"), archs=("retinanet", "fcos", "faster_rcnn", "ssd", "refinedet"),
+        Sweep("detectors", ("baseline", "harmonic_hiou"), archs=("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssd", "refinedet"),
               description="the loss on each detector family",
               arch_overrides={"fcos": {"anchor_sizes": None}, "ssd": {"anchor_sizes": None},
                               "refinedet": {"anchor_sizes": [[16], [32], [64], [128]]}}),

@@ -1,7 +1,7 @@
 """Backbones and default anchors, assembled from torchvision's public building blocks.
 
 The ResNet-FPN layouts are torchvision's own (RetinaNet / FCOS: C3-C5 + P6P7 from P5, strides 8-128;
-Faster R-CNN: C2-C5 + max-pool level, strides 4-64) with a configurable FPN width. Departures, [D]:
+Faster / Mask R-CNN: C2-C5 + max-pool level, strides 4-64) with a configurable FPN width. Departures, [D]:
 
 * ``mobilenet_v3_fpn`` takes the stride-8, -16 and -32 stages of MobileNetV3-Large, so that it has the same
   strides as the ResNet-FPN layouts and the same default anchors apply (torchvision's own MobileNet FPN
@@ -30,7 +30,7 @@ from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from harmonic.models.config import DetectorConfig
+from harmonic.models.config import TWO_STAGE_ARCHS, DetectorConfig
 
 
 class Float32LastLevelP6P7(LastLevelP6P7):
@@ -120,7 +120,7 @@ def _freeze_stages(features: nn.Sequential, stage_indices: list[int], trainable_
 
 
 def _extra_blocks(arch: str, channels: int) -> nn.Module:
-    return LastLevelMaxPool() if arch in ("faster_rcnn", "refinedet") else Float32LastLevelP6P7(channels, channels)
+    return LastLevelMaxPool() if arch in TWO_STAGE_ARCHS + ("refinedet",) else Float32LastLevelP6P7(channels, channels)
 
 
 class L2Norm(nn.Module):
@@ -202,7 +202,7 @@ def build_backbone(cfg: DetectorConfig) -> nn.Module:
         return SSDFeatureExtractorVGG(features, highres=False)
     if backbone.startswith("resnet"):
         _freeze_resnet(net, trainable)
-        returned = [1, 2, 3, 4] if cfg.arch == "faster_rcnn" else [2, 3, 4]
+        returned = [1, 2, 3, 4] if cfg.arch in TWO_STAGE_ARCHS else [2, 3, 4]
         stage2_channels = net.inplanes // 8
         in_channels = [stage2_channels * 2 ** (i - 1) for i in returned]
         return_layers = {f"layer{k}": str(v) for v, k in enumerate(returned)}
@@ -222,7 +222,7 @@ def level_strides(cfg: DetectorConfig) -> list[int]:
         return [8, 16, 32, 64]
     if backbone == "vgg16":
         return [8, 16, 32, 64, 100, 300]
-    if cfg.arch == "faster_rcnn":
+    if cfg.arch in TWO_STAGE_ARCHS:
         return [4, 8, 16, 32, 64] if backbone.startswith("resnet") else [8, 16, 32, 64]
     return [8, 16, 32, 64, 128]
 
@@ -231,10 +231,10 @@ def default_anchor_sizes(cfg: DetectorConfig) -> tuple[tuple[float, ...], ...]:
     """Anchor sizes per level: ``cfg.anchor_sizes`` if given, else torchvision's, scaled for ``"auto"``.
 
     torchvision's defaults: RetinaNet ``(x, x 2^(1/3), x 2^(2/3))`` for x = 32 ... 512 (truncated to int as
-    torchvision does); Faster R-CNN ``(32,) ... (512,)``, one per level; FCOS the level strides. ``"auto"``
-    multiplies RetinaNet / Faster R-CNN sizes by ``min_size / 800`` [D]; FCOS points stay stride-sized.
-    RefineDet: one size per level, 4 x the level's stride (Zhang et al., CVPR 2018, Sec. 3 [R]), which
-    ``"auto"`` multiplies by ``min_size / 512`` (RefineDet512's input) [D].
+    torchvision does); Faster / Mask R-CNN ``(32,) ... (512,)``, one per level; FCOS the level strides.
+    ``"auto"`` multiplies RetinaNet / Faster / Mask R-CNN sizes by ``min_size / 800`` [D]; FCOS points stay
+    stride-sized. RefineDet: one size per level, 4 x the level's stride (Zhang et al., CVPR 2018, Sec. 3 [R]),
+    which ``"auto"`` multiplies by ``min_size / 512`` (RefineDet512's input) [D].
     """
     if isinstance(cfg.anchor_sizes, tuple):
         return cfg.anchor_sizes
@@ -247,7 +247,7 @@ def default_anchor_sizes(cfg: DetectorConfig) -> tuple[tuple[float, ...], ...]:
     if cfg.arch == "retinanet":
         bases = [32 * 2**i for i in range(len(strides))]
         sizes = [(x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in bases]
-    elif cfg.arch == "faster_rcnn":
+    elif cfg.arch in TWO_STAGE_ARCHS:
         sizes = [(32 * 2**i,) for i in range(len(strides))]
     else:
         raise ValueError(f"default_anchor_sizes does not apply to arch {cfg.arch!r}")

@@ -11,6 +11,7 @@ from harmonic.models.common import StatsMixin, unwrap
 from harmonic.models.config import DetectorConfig
 from harmonic.models.faster_rcnn import HarmonicFasterRCNN
 from harmonic.models.fcos import HarmonicFCOS, HarmonicFCOSHead
+from harmonic.models.mask_rcnn import HarmonicMaskRCNN
 from harmonic.models.refinedet import ASPECT_RATIOS, HarmonicRefineDet, RefineDetHead
 from harmonic.models.retinanet import HarmonicRetinaNet, HarmonicRetinaNetHead
 from harmonic.models.ssd import HarmonicSSD
@@ -31,10 +32,12 @@ def build_detector(cfg: DetectorConfig) -> nn.Module:
 
     Train mode: ``model(images, targets) -> dict`` of scalar loss tensors (the host's keys, plus
     ``task_contrasting`` when enabled; RefineDet adds its ARM's ``arm_classification`` and
-    ``arm_bbox_regression``). Eval mode: ``model(images) -> list`` of dicts with ``boxes``
-    (xyxy, original image coordinates), ``scores`` and ``labels`` (1..K), plus the pre-NMS candidates
-    when :func:`set_record_candidates` is on. ``images``: float tensors [3, H, W] in 0-1; targets:
-    ``boxes`` [N, 4] xyxy, ``labels`` int64 1..K, optional ``crowd_boxes`` [M, 4].
+    ``arm_bbox_regression``, Mask R-CNN ``loss_mask``). Eval mode: ``model(images) -> list`` of dicts with
+    ``boxes`` (xyxy, original image coordinates), ``scores`` and ``labels`` (1..K), Mask R-CNN also
+    ``masks`` (float [n, 1, H, W], mask probabilities in the original image's pixels), plus the pre-NMS
+    candidates when :func:`set_record_candidates` is on. ``images``: float tensors [3, H, W] in 0-1;
+    targets: ``boxes`` [N, 4] xyxy, ``labels`` int64 1..K, optional ``crowd_boxes`` [M, 4]; Mask R-CNN
+    (``cfg.needs_masks``) also ``masks`` uint8 [N, H, W], one per box.
 
     Nothing is downloaded unless ``cfg.pretrained_backbone == "imagenet"``.
     """
@@ -80,10 +83,13 @@ def build_detector(cfg: DetectorConfig) -> nn.Module:
             backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors, head=head, **post
         )
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * num_levels)
-    return HarmonicFasterRCNN(
-        backbone, num_classes, options=options, min_size=min_size, max_size=max_size, rpn_anchor_generator=anchors,
+    two_stage = dict(
+        options=options, min_size=min_size, max_size=max_size, rpn_anchor_generator=anchors,
         box_score_thresh=post["score_thresh"], box_detections_per_img=post["detections_per_img"],
     )
+    if cfg.arch == "mask_rcnn":
+        return HarmonicMaskRCNN(backbone, num_classes, mask_channels=channels, **two_stage)
+    return HarmonicFasterRCNN(backbone, num_classes, **two_stage)
 
 
 def _build_refinedet(cfg: DetectorConfig, backbone: nn.Module, sizes, options, post) -> nn.Module:

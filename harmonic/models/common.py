@@ -1,4 +1,4 @@
-"""Pieces shared by the four detectors: target checks, crowd regions, candidates and statistics."""
+"""Pieces shared by the detectors: target checks, crowd regions, candidates and statistics."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ class HarmonicTransform(GeneralizedRCNNTransform):
     """torchvision's transform plus: target checks with clear errors, ``crowd_boxes`` resized with the
     image, and ``candidate_boxes`` mapped back to the original image like ``boxes``.
 
-    Targets are dicts with ``boxes`` (float [N, 4], xyxy), ``labels`` (int64 [N], 1..num_classes) and
-    optionally ``crowd_boxes`` (float [M, 4]).
+    Targets are dicts with ``boxes`` (float [N, 4], xyxy), ``labels`` (int64 [N], 1..num_classes),
+    optionally ``crowd_boxes`` (float [M, 4]) and ``masks`` (uint8 or bool [N, H, W], one per box, the
+    image's height and width; torchvision resizes them with the image).
     """
 
     def __init__(self, *args: Any, num_classes: int, **kwargs: Any) -> None:
@@ -74,9 +75,24 @@ class HarmonicTransform(GeneralizedRCNNTransform):
             ):
                 raise ValueError(f"targets[{index}]['crowd_boxes'] must be a float tensor of shape [M, 4]")
 
+    def check_masks(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
+        """Each target's optional ``masks``: uint8 / bool [N, H, W], N its number of boxes, H x W its image's."""
+        for index, (image, target) in enumerate(zip(images, targets)):
+            masks = target.get("masks")
+            if masks is None:
+                continue
+            expected = (target["boxes"].shape[0], *image.shape[-2:])
+            if not isinstance(masks, Tensor) or masks.dtype not in (torch.uint8, torch.bool) or tuple(masks.shape) != expected:
+                got = f"{masks.dtype} {tuple(masks.shape)}" if isinstance(masks, Tensor) else type(masks).__name__
+                raise ValueError(
+                    f"targets[{index}]['masks'] must be a uint8 or bool tensor of shape {list(expected)} (one mask per "
+                    f"box, the image's height and width), got {got}"
+                )
+
     def forward(self, images, targets=None):
         if targets is not None:
             self.check_targets(targets)
+            self.check_masks(images, targets)
         return super().forward(images, targets)
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):

@@ -23,9 +23,13 @@ from harmonic.models.head_loss import (
 )
 from harmonic.utils.checks import is_int, is_number
 
-__all__ = ["ARCHS", "BACKBONES", "COMPARISON_ARCHS", "LOSSES", "NORMS", "DetectorConfig"]
+__all__ = ["ARCHS", "BACKBONES", "COMPARISON_ARCHS", "LOSSES", "MASK_ARCHS", "NORMS", "TWO_STAGE_ARCHS", "DetectorConfig"]
 
-ARCHS = ("retinanet", "fcos", "faster_rcnn", "ssd", "refinedet")
+ARCHS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssd", "refinedet")
+#: two-stage architectures: RPN + RoI heads on a stride-4..64 FPN (Mask R-CNN is Faster R-CNN plus a mask branch)
+TWO_STAGE_ARCHS = ("faster_rcnn", "mask_rcnn")
+#: architectures that predict instance masks, and so train on targets with ``masks``
+MASK_ARCHS = ("mask_rcnn",)
 FPN_BACKBONES = ("resnet50_fpn", "resnet18_fpn", "mobilenet_v3_fpn")
 BACKBONES = FPN_BACKBONES + ("vgg16",)
 LOSSES = ("baseline", "harmonic") + COMPARISON_LOSSES
@@ -40,6 +44,7 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "retinanet": {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "detections_per_img": 300, "score_thresh": 0.05},
     "fcos": {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "detections_per_img": 100, "score_thresh": 0.2},
     "faster_rcnn": {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "detections_per_img": 100, "score_thresh": 0.05},
+    "mask_rcnn": {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "detections_per_img": 100, "score_thresh": 0.05},
     "ssd": {"backbone": "vgg16", "min_size": 300, "max_size": 300, "detections_per_img": 200, "score_thresh": 0.01},
     # RefineDet512 (Zhang et al., CVPR 2018 [R]); detections_per_img and score_thresh: the test settings of
     # the authors' release as we recall them (keep_top_k 500, confidence 0.01), not confirmed [D]
@@ -59,8 +64,11 @@ class DetectorConfig:
 
     Fields (``None`` means "the architecture's torchvision default"):
 
-    * ``arch``: ``"retinanet"`` | ``"fcos"`` | ``"faster_rcnn"`` | ``"ssd"`` | ``"refinedet"`` (Zhang et al.,
-      "Single-Shot Refinement Neural Network for Object Detection", CVPR 2018; :mod:`harmonic.models.refinedet`).
+    * ``arch``: ``"retinanet"`` | ``"fcos"`` | ``"faster_rcnn"`` | ``"mask_rcnn"`` | ``"ssd"`` | ``"refinedet"``.
+      ``"mask_rcnn"`` is ``"faster_rcnn"`` plus torchvision's mask branch (same backbones and options; the
+      Harmonic loss on the box head only, the mask loss unchanged); it trains on targets with ``masks``.
+      ``"refinedet"``: Zhang et al., "Single-Shot Refinement Neural Network for Object Detection", CVPR
+      2018 (:mod:`harmonic.models.refinedet`).
     * ``num_classes``: K, the number of object classes *without* background. Targets carry labels 1..K
       for every architecture; outputs use the same labels.
     * ``backbone``: ``"resnet50_fpn"`` (the paper's [R]), ``"resnet18_fpn"``, ``"mobilenet_v3_fpn"``
@@ -78,7 +86,8 @@ class DetectorConfig:
     * ``min_size``, ``max_size``: image resizing as torchvision's transform (SSD and RefineDet: a fixed
       square of ``min_size``, ``max_size`` ignored; ``vgg16`` SSD is fixed at 300, ``vgg16`` RefineDet
       takes a multiple of 64, 512 by default).
-    * ``fpn_channels``: FPN width (torchvision: 256; smaller for CPU runs).
+    * ``fpn_channels``: FPN width (torchvision: 256; smaller for CPU runs). Mask R-CNN's mask head (four
+      3x3 convs and the deconvolution) takes the same width [D]: at 256, torchvision's own layout.
     * ``anchor_sizes``: ``None`` (torchvision's), ``"auto"`` (torchvision's scaled by ``min_size / 800``,
       for small images; FCOS keeps its stride-sized points and SSD its image-relative default boxes,
       which already scale; RefineDet's 4 x stride anchors are scaled by ``min_size / 512``) or explicit
@@ -88,8 +97,8 @@ class DetectorConfig:
       use ``fused`` alone).
     * ``detections_per_img``, ``score_thresh``: post-processing as torchvision.
     * ``crowd_iof_thresh``: RetinaNet / FCOS: a negative anchor whose box lies more than this fraction
-      inside a target's ``crowd_boxes`` is ignored [D]. Faster R-CNN, SSD and RefineDet ignore
-      ``crowd_boxes``.
+      inside a target's ``crowd_boxes`` is ignored [D]. Faster R-CNN, Mask R-CNN, SSD and RefineDet
+      ignore ``crowd_boxes``.
     * ``refinedet_harmonic_arm``: RefineDet with ``loss="harmonic"``: also apply the Harmonic loss to the
       anchor refinement module's positives (its binary cross-entropy as a two-column softmax, so
       beta_c = objectness of the positive) [D]; off by default, when the Harmonic loss covers the object
@@ -267,6 +276,11 @@ class DetectorConfig:
             max_layers, pretrained_default = TRAINABLE_LAYERS[self.resolved("backbone")]
             return pretrained_default if self.pretrained_backbone is not None else max_layers
         return None
+
+    @property
+    def needs_masks(self) -> bool:
+        """True when the detector trains on instance masks (targets need ``masks``): ``arch`` in :data:`MASK_ARCHS`."""
+        return self.arch in MASK_ARCHS
 
     def harmonic_options(self) -> HarmonicOptions | None:
         """The :class:`~harmonic.models.head_loss.HarmonicOptions` of this config, or None for the baseline loss."""

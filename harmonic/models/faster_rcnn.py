@@ -12,7 +12,10 @@ normalized by the number of sampled RoIs as the host does, under the host's keys
 ``loss_box_reg`` (+ ``task_contrasting``). The RPN keeps torchvision's losses [D]: the paper applies the
 loss to the detection head; nothing recovered says it touched the RPN.
 
-Only the box branch is supported (no mask / keypoint heads). ``crowd_boxes`` are not used.
+:class:`HarmonicRoIHeads` also carries torchvision's mask branch when it is given one
+(:mod:`harmonic.models.mask_rcnn`): the mask loss and mask inference are torchvision's own
+(``maskrcnn_loss``, ``maskrcnn_inference``), unchanged. Keypoint heads are not supported. ``crowd_boxes``
+are not used.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.faster_rcnn import FasterRCNN
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 from torchvision.ops import boxes as box_ops
 
 from harmonic.models.common import HarmonicTransform, StatsMixin, finish_detections, float32_losses
@@ -33,8 +36,15 @@ _KEYS = {"classification": "loss_classifier", "bbox_regression": "loss_box_reg"}
 
 
 class HarmonicRoIHeads(StatsMixin, RoIHeads):
-    """torchvision's ``RoIHeads`` (box branch) whose loss step is the Harmonic loss when ``options`` is
-    set and torchvision's ``fastrcnn_loss`` otherwise; eval outputs can carry pre-NMS candidates."""
+    """torchvision's ``RoIHeads`` whose box loss step is the Harmonic loss when ``options`` is set and
+    torchvision's ``fastrcnn_loss`` otherwise; eval outputs can carry pre-NMS candidates.
+
+    With a mask branch (``mask_roi_pool``, ``mask_head``, ``mask_predictor``, as torchvision's
+    ``RoIHeads`` takes them) it is Mask R-CNN's RoI heads: training adds ``loss_mask`` (torchvision's
+    ``maskrcnn_loss`` on the positive sampled RoIs, targets need ``masks`` [N, H, W]), eval outputs add
+    ``masks`` [n, 1, H, W] (torchvision's ``maskrcnn_inference``: the sigmoid of the detected class's mask
+    logits, pasted into the image by the model's transform).
+    """
 
     def __init__(self, *args, options: HarmonicOptions | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -44,33 +54,63 @@ class HarmonicRoIHeads(StatsMixin, RoIHeads):
 
     @classmethod
     def from_roi_heads(cls, heads: RoIHeads, options: HarmonicOptions | None) -> HarmonicRoIHeads:
-        """The same modules and settings as ``heads``, with the Harmonic loss step."""
-        if heads.has_mask() or heads.has_keypoint():
-            raise ValueError("HarmonicRoIHeads supports the box branch only (no mask or keypoint heads)")
+        """The same modules and settings as ``heads`` (its mask branch included), with the Harmonic loss step."""
+        if heads.has_keypoint():
+            raise ValueError("HarmonicRoIHeads supports the box and mask branches only (no keypoint heads)")
         return cls(
             heads.box_roi_pool, heads.box_head, heads.box_predictor,
             heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
             heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction,
             heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
+            mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
             options=options,
         )
 
     def forward(self, features, proposals, image_shapes, targets=None):
-        """torchvision's box branch: sample RoIs (training), pool, predict, then loss or detections."""
+        """torchvision's RoI heads: sample RoIs (training), pool, predict, then the box loss or detections;
+        with a mask branch, then the mask loss or the detections' masks."""
         if targets is not None:
             for t in targets:
                 if t["boxes"].dtype not in (torch.float, torch.double, torch.half):
                     raise TypeError(f"target boxes must be of float type, got {t['boxes'].dtype}")
                 if t["labels"].dtype != torch.int64:
                     raise TypeError(f"target labels must be of int64 type, got {t['labels'].dtype}")
+            for index, t in enumerate(targets):
+                if self.training and self.has_mask() and "masks" not in t:
+                    raise ValueError(f"targets[{index}] needs 'masks' [N, H, W] to train a detector with a mask branch")
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
-        if self.training:
-            return [], self.box_loss(class_logits, box_regression, proposals, matched_idxs, labels,
-                                     regression_targets, targets)
-        return self.detections(class_logits, box_regression, proposals, image_shapes), {}
+        if not self.training:
+            result = self.detections(class_logits, box_regression, proposals, image_shapes)
+            if self.has_mask():
+                self.mask_detections(features, result, image_shapes)
+            return result, {}
+        losses = self.box_loss(class_logits, box_regression, proposals, matched_idxs, labels, regression_targets,
+                               targets)
+        if self.has_mask():
+            losses["loss_mask"] = self.mask_loss(features, proposals, image_shapes, targets, labels, matched_idxs)
+        return [], losses
+
+    def mask_loss(self, features, proposals, image_shapes, targets, labels, matched_idxs) -> Tensor:
+        """torchvision's ``maskrcnn_loss`` on the positive sampled RoIs (their matched targets' ``masks``)."""
+        positives = [torch.where(image_labels > 0)[0] for image_labels in labels]
+        mask_proposals = [p[pos] for p, pos in zip(proposals, positives)]
+        positive_matched_idxs = [m[pos] for m, pos in zip(matched_idxs, positives)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+        return maskrcnn_loss(
+            mask_logits, mask_proposals, [t["masks"] for t in targets], [t["labels"] for t in targets],
+            positive_matched_idxs,
+        )
+
+    def mask_detections(self, features, result: list[dict[str, Tensor]], image_shapes) -> None:
+        """Add ``masks`` [n, 1, 28, 28] (per detection, torchvision's ``maskrcnn_inference``) to each image's
+        detections in place; the model's transform pastes them into the image."""
+        boxes = [r["boxes"] for r in result]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
+        for probabilities, r in zip(maskrcnn_inference(mask_logits, [r["labels"] for r in result]), result):
+            r["masks"] = probabilities
 
     @float32_losses
     def box_loss(

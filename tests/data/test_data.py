@@ -353,3 +353,100 @@ def test_resolve_and_build_dataset(tmp_path, tiny):
         resolve_dataset(tmp_path / "missing.json", "train")
     with pytest.raises(ValueError, match="split must be one of"):
         resolve_dataset("shapes-tiny", "test", root=root)
+
+
+# --------------------------------------------------------------------------------------------------
+# instance masks (masks=True): polygons and RLE through pycocotools, through the transforms
+# --------------------------------------------------------------------------------------------------
+def _rle(mask):
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _uncompressed(mask):
+    """COCO's uncompressed RLE: run lengths of the column-major mask, starting with a run of zeros."""
+    flat = mask.astype(np.uint8).flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    return {"size": [H, W], "counts": ([0] if flat[0] else []) + runs}
+
+
+def _mask_fixture(tmp_path, transforms=None):
+    """An L-shaped object as a compressed RLE, a rectangle as a polygon, a triangle as uncompressed RLE,
+    and a crowd region (no mask)."""
+    ell = np.zeros((H, W), bool)
+    ell[3:8, 2:12] = True
+    ell[3:20, 2:5] = True
+    triangle = np.tril(np.ones((10, 10), bool))
+    tri = np.zeros((H, W), bool)
+    tri[15:25, 20:30] = triangle
+    coco = _coco(
+        [(1, "a.png")],
+        [
+            _ann(1, 1, [2, 3, 10, 17], segmentation=_rle(ell)),
+            _ann(2, 1, [30, 0, 10, 30], cat=2, segmentation=[[30, 0, 40, 0, 40, 30, 30, 30]]),
+            _ann(3, 1, [0, 20, 4, 6], iscrowd=1, segmentation=_rle(np.ones((H, W), bool))),
+            _ann(4, 1, [20, 15, 10, 10], segmentation=_uncompressed(tri)),
+        ],
+    )
+    return _dataset(tmp_path, coco, transforms, masks=True), (ell, tri)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
+def test_masks_are_decoded_from_rle_and_polygons_one_per_box(tmp_path):
+    dataset, (ell, tri) = _mask_fixture(tmp_path)
+    _, target = dataset[0]
+    masks = target["masks"]
+    assert isinstance(masks, tv_tensors.Mask) and masks.dtype == torch.uint8 and masks.shape == (3, H, W)
+    assert target["labels"].tolist() == [1, 2, 1] and target["crowd_boxes"].shape == (1, 4)
+    assert np.array_equal(masks[0].numpy(), ell)
+    assert np.array_equal(masks[2].numpy(), tri)
+    ys, xs = np.nonzero(masks[1].numpy())  # the polygon, rasterized by pycocotools (as COCOeval does)
+    assert xs.min() >= 29 and xs.max() <= 39 and ys.min() == 0 and ys.max() == H - 1
+    assert masks[1].sum() >= 9 * 29
+    plain = _dataset(tmp_path, _coco([(1, "a.png")], [_ann(1, 1, [2, 3, 10, 17])]))
+    assert "masks" not in plain[0][1]  # masks=False: no segmentation needed, none given
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
+def test_training_flip_and_resize_transform_the_masks_with_the_boxes(tmp_path):
+    plain, _ = _mask_fixture(tmp_path)
+    _, expected = plain[0]
+    flipped, _ = _mask_fixture(tmp_path, build_transforms(True, flip_prob=1.0))
+    _, target = flipped[0]
+    assert isinstance(target["masks"], tv_tensors.Mask) and target["masks"].dtype == torch.uint8
+    assert torch.equal(target["masks"], expected["masks"].flip(-1))
+    for mask, box in zip(target["masks"], target["boxes"]):  # each mask still lies in its own box
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert xs.min() >= box[0] and xs.max() < box[2] and ys.min() >= box[1] and ys.max() < box[3]
+    resized, _ = _mask_fixture(tmp_path, build_transforms(False, min_size=60))
+    image, target = resized[0]
+    assert image.shape == (3, 60, 80) and target["masks"].shape == (3, 60, 80)
+    torch.testing.assert_close(target["masks"], expected["masks"].repeat_interleave(2, 1).repeat_interleave(2, 2))
+    cropped, _ = _mask_fixture(tmp_path, data.DetectionTransform([v2.CenterCrop((H, 20))]))  # x 10..30
+    _, target = cropped[0]
+    assert target["labels"].tolist() == [1, 1] and target["masks"].shape == (2, H, 20)  # the polygon's box left
+    assert torch.equal(target["masks"], expected["masks"][[0, 2], :, 10:30])
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
+def test_bad_segmentations_name_file_and_annotation_id(tmp_path):
+    cases = [
+        (None, "missing key 'segmentation'"),
+        ([], "non-empty list of polygons"),
+        ([[1, 2, 3, 4]], "polygon 0"),
+        ({"size": [H + 1, W], "counts": "abc"}, r"size \[31, 40\] but its image is \[30, 40\]"),
+        ({"size": [H, W], "counts": [5, 7]}, "sum to 12"),
+        ({"size": [H, W]}, "'counts'"),
+    ]
+    for segmentation, message in cases:
+        extra = {} if segmentation is None else {"segmentation": segmentation}
+        coco = _coco([(1, "a.png")], [_ann(7, 1, [2, 3, 10, 5], **extra)])
+        with pytest.raises(DatasetError, match=rf"ann\.json: annotation id 7 \(image id 1\): .*{message}"):
+            _dataset(tmp_path, coco, masks=True)
+    crowd_only = _coco([(1, "a.png")], [_ann(7, 1, [2, 3, 10, 5], iscrowd=1)])
+    assert _dataset(tmp_path, crowd_only, masks=True)[0][1]["masks"].shape == (0, H, W)  # crowd: no mask needed
+    with pytest.raises(TypeError, match="masks"):
+        _dataset(tmp_path, crowd_only, masks="yes")

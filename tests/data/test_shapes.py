@@ -87,6 +87,30 @@ def test_generated_dataset_loads_through_cocodetection_and_dataloader(tiny):
     assert isinstance(moved[0]["boxes"], tv_tensors.BoundingBoxes) and moved[0]["image_id"] == targets[0]["image_id"]
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
+def test_generated_masks_are_the_visible_parts_and_load_for_mask_rcnn(tiny):
+    """Each annotation's RLE ``segmentation`` is its shape minus the shapes drawn over it: an image's masks
+    never overlap, and the partly hidden objects' masks are smaller than their whole shape."""
+    coco = json.loads(tiny["train"][1].read_text())
+    flipped = CocoDetection(*tiny["train"], transforms=build_transforms(True, flip_prob=1.0), masks=True)
+    plain = CocoDetection(*tiny["train"], masks=True)
+    hidden = 0
+    for index in range(len(plain)):
+        _, target = plain[index]
+        masks = target["masks"]
+        anns = [a for a in coco["annotations"] if a["image_id"] == target["image_id"]]
+        assert masks.shape == (len(anns), 96, 96) and masks.dtype == torch.uint8
+        if len(anns):
+            assert int(masks.sum(0, dtype=torch.int64).max()) <= 1  # visible parts are disjoint
+        for mask, ann in zip(masks, anns):
+            assert np.array_equal(mask.numpy(), mask_utils.decode(ann["segmentation"]))
+            assert int(mask.sum()) == ann["area"]
+            hidden += ann["visible_fraction"] < 0.95
+        _, flipped_target = flipped[index]
+        assert torch.equal(flipped_target["masks"], masks.flip(-1))
+    assert hidden >= 5
+
+
 def test_cache_is_reused_and_regenerated_when_stale(tmp_path, monkeypatch):
     calls = []
     original = shapes.generate_dataset

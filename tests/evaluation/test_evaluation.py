@@ -18,9 +18,11 @@ from harmonic.evaluation import (
     coco_evaluate,
     consistency_metrics,
     detections_to_coco,
+    encode_masks,
     evaluate_predictions,
     match_detections,
     score_iou_pairs,
+    segmentations_to_coco,
     write_metrics,
 )
 from harmonic.ops.focal import backend_record
@@ -473,3 +475,80 @@ def test_segm_evaluation_uses_the_masks():
     stats = coco_evaluate(gt, results, iou_type="segm")
     assert stats["AP50"] == pytest.approx(1.0) and stats["AP75"] == 0.0
     assert coco_evaluate(gt, results)["AP75"] == pytest.approx(1.0)  # the boxes themselves are perfect
+
+
+# --------------------------------------------------------------------------------------------------
+# segm AP of predicted masks
+# --------------------------------------------------------------------------------------------------
+def _object_masks(size=400):
+    """Non-rectangular masks of OBJECTS: a triangle in each object's box (image 1: two, image 2: one)."""
+    masks = {}
+    for image_id, _, (x1, y1, x2, y2), _ in OBJECTS:
+        mask = np.zeros((size, size), np.uint8)
+        mask[y1:y2, x1:x2] = np.tril(np.ones((y2 - y1, x2 - x1), np.uint8))
+        masks.setdefault(image_id, []).append(mask)
+    return {image_id: np.stack(m) for image_id, m in masks.items()}
+
+
+def make_gt_with_masks():
+    from pycocotools import mask as mask_utils
+
+    gt = make_gt(OBJECTS, n_images=2)
+    masks = _object_masks()
+    for ann in gt.dataset["annotations"]:
+        index = [a["id"] for a in gt.dataset["annotations"] if a["image_id"] == ann["image_id"]].index(ann["id"])
+        rle = mask_utils.encode(np.asfortranarray(masks[ann["image_id"]][index]))
+        ann["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        ann["area"] = float(mask_utils.area(rle))
+    gt.createIndex()
+    return gt, masks
+
+
+def test_perfect_masks_give_segm_ap_one_beside_bbox_ap():
+    gt, masks = make_gt_with_masks()
+    predictions = perfect_predictions()
+    for p in predictions:  # probabilities [n, 1, H, W] as Mask R-CNN gives them: 0.9 inside, 0.1 outside
+        p["masks"] = torch.from_numpy(masks[p["image_id"]]).float()[:, None] * 0.8 + 0.1
+    metrics = evaluate_predictions(predictions, gt, LABEL_TO_CAT)
+    assert set(metrics) == {"coco", "coco_segm", "consistency"}
+    for section in ("coco", "coco_segm"):
+        assert metrics[section]["AP"] == pytest.approx(1.0, abs=1e-12), section
+    assert "coco_segm" not in evaluate_predictions(perfect_predictions(), gt, LABEL_TO_CAT)  # boxes only
+    rles = [{**p, "masks": encode_masks(p["masks"])} for p in predictions]  # RLE lists, as predict() gives
+    assert evaluate_predictions(rles, gt, LABEL_TO_CAT)["coco_segm"]["AP"] == pytest.approx(1.0, abs=1e-12)
+    results = segmentations_to_coco(rles, gt, LABEL_TO_CAT)
+    assert [r["category_id"] for r in results] == [3, 7, 11] and "bbox" not in results[0]
+    json.dumps(results)  # RLE counts are strings
+
+
+def test_half_masks_lower_segm_ap_not_bbox_ap():
+    gt, masks = make_gt_with_masks()
+    predictions = perfect_predictions()
+    for p in predictions:  # the upper half of each triangle only: mask IoU about 1/4 ... 1/2
+        half = masks[p["image_id"]].copy()
+        for m, (_, y1, _, y2) in zip(half, p["boxes"].int().tolist()):
+            m[(y1 + y2) // 2:] = 0
+        p["masks"] = torch.from_numpy(half).bool()
+    metrics = evaluate_predictions(predictions, gt, LABEL_TO_CAT)
+    assert metrics["coco"]["AP"] == pytest.approx(1.0, abs=1e-12)
+    assert metrics["coco_segm"]["AP50"] == 0.0
+
+
+def test_masks_errors_name_the_image_and_field():
+    gt, masks = make_gt_with_masks()
+    predictions = perfect_predictions()
+    predictions[0]["masks"] = torch.from_numpy(masks[1])
+    with pytest.raises(ValueError, match=r"predictions\[1\] \(image_id 2\): missing key 'masks'"):
+        evaluate_predictions(predictions, gt, LABEL_TO_CAT)
+    predictions[1]["masks"] = torch.zeros(1, 1, 40, 40)
+    with pytest.raises(ValueError, match=r"image_id 2\) 'masks': mask 0 is \[40, 40\] \(H, W\) but the image is \[400, 400\]"):
+        evaluate_predictions(predictions, gt, LABEL_TO_CAT)
+    predictions[1]["masks"] = torch.zeros(2, 400, 400)
+    with pytest.raises(ValueError, match="expected 1 masks"):
+        evaluate_predictions(predictions, gt, LABEL_TO_CAT)
+    with pytest.raises(ValueError, match="shape"):
+        encode_masks(torch.zeros(400, 400))
+    predictions[1]["masks"] = torch.from_numpy(masks[2])
+    boxes_only = make_gt(OBJECTS, n_images=2)
+    with pytest.raises(ValueError, match="missing key 'segmentation'"):
+        evaluate_predictions(predictions, boxes_only, LABEL_TO_CAT)

@@ -9,8 +9,10 @@ import json
 import pytest
 import torch
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.ssd import SSD, SSDHead
 from torchvision.ops import sigmoid_focal_loss
@@ -21,9 +23,10 @@ from harmonic.models import CANDIDATE_KEYS, DetectorConfig, build_detector, get_
 from harmonic.models.backbones import default_anchor_sizes, level_strides
 from harmonic.models.common import HarmonicTransform, ignore_crowd_anchors
 
-from tiny_detectors import K, assert_finite_losses_and_gradients, batch, tiny
+from tiny_detectors import K, assert_finite_losses_and_gradients, batch, tiny, with_masks
 
-ARCHS = ("retinanet", "fcos", "faster_rcnn", "ssd")
+ARCHS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssd")
+TWO_STAGE = ("faster_rcnn", "mask_rcnn")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +38,10 @@ def build(cfg: DetectorConfig, seed: int = 0) -> nn.Module:
 
 
 def train_losses(model, images, targets, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Training losses on ``batch()``-shaped data; a Mask R-CNN gets :func:`with_masks` targets when they have none."""
     model.train()
+    if isinstance(model, MaskRCNN) and targets and "masks" not in targets[0]:
+        targets = with_masks(targets)
     torch.manual_seed(seed)  # Faster R-CNN samples RoIs and anchors at random
     return model(images, targets)
 
@@ -58,6 +64,13 @@ def stock_twin(model: nn.Module, arch: str, cfg: DetectorConfig) -> nn.Module:
         stock = FasterRCNN(
             backbone, K + 1, rpn_anchor_generator=copy.deepcopy(model.rpn.anchor_generator), **size,
             box_score_thresh=post["score_thresh"], box_detections_per_img=post["detections_per_img"],
+        )
+    elif arch == "mask_rcnn":  # torchvision's own heads, at the tiny config's width
+        stock = MaskRCNN(
+            backbone, None, rpn_anchor_generator=copy.deepcopy(model.rpn.anchor_generator), **size,
+            box_score_thresh=post["score_thresh"], box_detections_per_img=post["detections_per_img"],
+            box_predictor=FastRCNNPredictor(1024, K + 1), mask_head=MaskRCNNHeads(channels, (channels,) * 4, 1),
+            mask_predictor=MaskRCNNPredictor(channels, channels, K + 1),
         )
     else:
         anchors = copy.deepcopy(model.anchor_generator)
@@ -86,9 +99,12 @@ def test_baseline_losses_and_detections_are_torchvisions(arch):
         ours_det, stock_det = ours(images), stock(images)
     for mine, theirs in zip(ours_det, stock_det):
         assert len(theirs["boxes"]) > 0
+        assert mine.keys() == theirs.keys()
         torch.testing.assert_close(mine["boxes"], theirs["boxes"])
         torch.testing.assert_close(mine["scores"], theirs["scores"])
         torch.testing.assert_close(mine["labels"], theirs["labels"] + shift)
+        if arch == "mask_rcnn":
+            torch.testing.assert_close(mine["masks"], theirs["masks"])
 
 
 @pytest.mark.slow
@@ -96,6 +112,7 @@ def test_default_resnet50_layouts_match_torchvision_builders():
     from torchvision.models.detection import (
         fasterrcnn_resnet50_fpn,
         fcos_resnet50_fpn,
+        maskrcnn_resnet50_fpn,
         retinanet_resnet50_fpn,
         ssd300_vgg16,
     )
@@ -104,6 +121,7 @@ def test_default_resnet50_layouts_match_torchvision_builders():
         "retinanet": (retinanet_resnet50_fpn, K),
         "fcos": (fcos_resnet50_fpn, K),
         "faster_rcnn": (fasterrcnn_resnet50_fpn, K + 1),
+        "mask_rcnn": (maskrcnn_resnet50_fpn, K + 1),
         "ssd": (ssd300_vgg16, K + 1),
     }
     for arch, (builder, columns) in builders.items():
@@ -112,8 +130,8 @@ def test_default_resnet50_layouts_match_torchvision_builders():
         mine = {k: v.shape for k, v in ours.state_dict().items()}
         assert mine == {k: v.shape for k, v in theirs.state_dict().items()}, arch
         if arch != "ssd":
-            generator = ours.rpn.anchor_generator if arch == "faster_rcnn" else ours.anchor_generator
-            other = theirs.rpn.anchor_generator if arch == "faster_rcnn" else theirs.anchor_generator
+            generator = ours.rpn.anchor_generator if arch in TWO_STAGE else ours.anchor_generator
+            other = theirs.rpn.anchor_generator if arch in TWO_STAGE else theirs.anchor_generator
             assert [tuple(float(s) for s in level) for level in generator.sizes] == [
                 tuple(float(s) for s in level) for level in other.sizes
             ]
@@ -160,7 +178,7 @@ def test_harmonic_losses_sit_between_baseline_and_twice_baseline(arch):
     base = train_losses(build(tiny(arch)), images, targets)
     harm_model = build(tiny(arch, loss="harmonic", hiou=False))
     harm = train_losses(harm_model, images, targets)
-    cls_key, box_key = ("loss_classifier", "loss_box_reg") if arch == "faster_rcnn" else ("classification", "bbox_regression")
+    cls_key, box_key = ("loss_classifier", "loss_box_reg") if arch in TWO_STAGE else ("classification", "bbox_regression")
     for key in (cls_key, box_key):
         assert base[key] < harm[key] <= 2 * base[key] + 1e-6, key
     stats = get_stats(harm_model)
@@ -206,7 +224,7 @@ LOSS_OPTIONS = {
     "gt_prob": {"loss": "harmonic", "beta_c_source": "gt_prob"},
 }
 TRAIN_CASES = [("retinanet", name) for name in LOSS_OPTIONS] + [
-    (arch, name) for arch in ("fcos", "faster_rcnn", "ssd") for name in ("baseline", "harmonic+hiou+tc")
+    (arch, name) for arch in ("fcos", "faster_rcnn", "mask_rcnn", "ssd") for name in ("baseline", "harmonic+hiou+tc")
 ]
 
 
@@ -241,7 +259,7 @@ def test_images_without_objects_give_finite_losses_and_gradients_everywhere(arch
     stats = get_stats(model)
     if len(empty) == 2:
         assert stats == {"num_positives": 0.0}
-        box_key = "loss_box_reg" if arch == "faster_rcnn" else "bbox_regression"
+        box_key = "loss_box_reg" if arch in TWO_STAGE else "bbox_regression"
         assert losses[box_key].item() == 0.0
 
 
@@ -260,7 +278,12 @@ def test_eval_outputs_and_recorded_candidates(arch):
         set_record_candidates(nn.DataParallel(model), False)
         again = model(images)
     for image, out, rec, off in zip(images, plain, recorded, again):
-        assert set(out) == {"boxes", "scores", "labels"} and set(off) == set(out)
+        masks = {"masks"} if arch == "mask_rcnn" else set()
+        assert set(out) == {"boxes", "scores", "labels"} | masks and set(off) == set(out)
+        if masks:  # one mask per detection, probabilities in the input image's pixels
+            assert out["masks"].shape == (len(out["boxes"]), 1, *image.shape[-2:])
+            assert out["masks"].min() >= 0 and out["masks"].max() <= 1
+            torch.testing.assert_close(rec["masks"], out["masks"])
         assert 0 < len(out["boxes"]) <= 20
         assert out["labels"].min() >= 1 and out["labels"].max() <= K
         height, width = image.shape[-2:]
@@ -394,7 +417,7 @@ def test_defaults_follow_torchvision_and_auto_anchors_scale_with_min_size():
     assert default_anchor_sizes(fcos) == ((8.0,), (16.0,), (32.0,), (64.0,), (128.0,))
 
 
-@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn", "mask_rcnn"])
 @pytest.mark.parametrize("backbone", ["resnet18_fpn", "mobilenet_v3_fpn"])
 def test_feature_strides_match_the_anchor_layout(arch, backbone):
     cfg = tiny(arch, backbone=backbone)
@@ -462,7 +485,7 @@ def test_cuda_losses_match_cpu_and_autocast_is_finite(arch):
     images_gpu = [i.cuda() for i in images]
     targets_gpu = [{k: v.cuda() for k, v in t.items()} for t in targets]
     gpu = train_losses(model, images_gpu, targets_gpu)
-    if arch != "faster_rcnn":  # random RoI sampling differs between devices
+    if arch not in TWO_STAGE:  # random RoI sampling differs between devices
         for key in cpu:
             torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-3, atol=1e-3)
     with torch.autocast("cuda", dtype=torch.float16):
@@ -501,3 +524,27 @@ def test_losses_are_float32_under_bfloat16_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(images, targets)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+# ----------------------------------------------------------------------------------------------------
+# Mask R-CNN: the Harmonic loss on the box head, torchvision's mask loss
+# ----------------------------------------------------------------------------------------------------
+def test_mask_rcnn_harmonic_changes_the_box_losses_only():
+    images, targets = batch()
+    base = train_losses(build(tiny("mask_rcnn")), images, targets)
+    harmonic = train_losses(build(tiny("mask_rcnn", loss="harmonic")), images, targets)
+    assert set(base) == set(harmonic) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    for key in ("loss_mask", "loss_objectness", "loss_rpn_box_reg"):  # same weights, same RoIs: unchanged
+        torch.testing.assert_close(harmonic[key], base[key], rtol=0, atol=0, msg=key)
+    assert harmonic["loss_classifier"] > base["loss_classifier"] and harmonic["loss_box_reg"] > base["loss_box_reg"]
+
+
+def test_mask_rcnn_needs_masks_of_the_image_size_one_per_box():
+    model = build(tiny("mask_rcnn")).train()
+    images, targets = batch()
+    with pytest.raises(ValueError, match=r"targets\[0\] needs 'masks'"):
+        model(images, targets)
+    bad = with_masks(targets)
+    bad[1] = {**bad[1], "masks": bad[1]["masks"][:, :10]}
+    with pytest.raises(ValueError, match=r"targets\[1\]\['masks'\] must be a uint8 or bool tensor of shape \[1, 72, 64\]"):
+        model(images, bad)
+    assert build_detector(tiny("mask_rcnn")).roi_heads.has_mask() and not build_detector(tiny("faster_rcnn")).roi_heads.has_mask()
+    assert tiny("mask_rcnn").needs_masks and not tiny("faster_rcnn").needs_masks

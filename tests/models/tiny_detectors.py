@@ -41,6 +41,19 @@ def batch(empty: tuple[int, ...] = ()):
     return images, targets
 
 
+def with_masks(targets):
+    """``targets`` with ``masks`` (uint8 [N, H, W]): each box's lower-left triangle, on images of
+    :func:`batch`'s sizes (64x80, 72x64)."""
+    sizes = [(64, 80), (72, 64)]
+    out = []
+    for target, (height, width) in zip(targets, sizes):
+        masks = torch.zeros(len(target["boxes"]), height, width, dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(masks, target["boxes"].long().tolist()):
+            mask[y1:y2, x1:x2] = torch.ones(y2 - y1, x2 - x1, dtype=torch.uint8).tril(diagonal=(x2 - x1) - (y2 - y1))
+        out.append({**target, "masks": masks})
+    return out
+
+
 def assert_finite_losses_and_gradients(model: nn.Module, losses: dict[str, torch.Tensor]) -> None:
     """Every loss is finite and, after ``backward`` of their sum, every trainable parameter has a finite
     gradient."""
