@@ -11,7 +11,7 @@ def test_every_sweep_names_known_variants_and_unique_runs():
         for _, params in sweep.runs():
             assert params["variant"] in VARIANTS
             assert params["loss_options"] == VARIANTS[params["variant"]]
-    assert len(SWEEPS["detectors"].runs()) == 5 * 2 * 3
+    assert len(SWEEPS["detectors"].runs()) == 6 * 2 * 3
 
 
 def test_every_variant_is_a_valid_detector_config_for_its_sweeps_archs():
@@ -74,6 +74,6 @@ def test_detectors_sweep_gives_every_architecture_a_valid_detector():
         config = build_run_config(RunSpec.from_dict(params))  # raises on an invalid DetectorConfig
         archs.add(config.detector["arch"])
         assert config.detector["loss"] == params["loss_options"]["loss"]
-    assert archs == {"retinanet", "fcos", "faster_rcnn", "ssd", "refinedet"}
+    assert archs == {"retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssd", "refinedet"}
     refinedet = dict(SWEEPS["detectors"].runs())["detectors-refinedet-baseline-s0"]
     assert refinedet["detector_overrides"] == {"anchor_sizes": [[16], [32], [64], [128]]}
