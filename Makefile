@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # one thread per process is the fair setting on a small shared CPU; on a GPU machine: make bench BENCH_ARGS=
 BENCH_ARGS ?= --threads 1
 
-.PHONY: help env test reproduce lab lint bench sweep lock clean
+.PHONY: help env test reproduce lab lint bench gpu-check sweep lock clean
 
 help:
 	@echo "make test       set up .venv and run the whole test suite"
@@ -19,6 +19,7 @@ help:
 	@echo "                PROFILE=coco COCO_ROOT=... or PROFILE=voc VOC_ROOT=VOCdevkit; DRY_RUN=1 checks the data"
 	@echo "make lab        JupyterLab on localhost with the project's kernel"
 	@echo "make bench      loss and training-step benchmarks -> results/bench.json"
+	@echo "make gpu-check  on a CUDA machine: CUDA tests, GPU bench, a short training run -> results/gpu_check.json"
 	@echo "make lint       ruff"
 	@echo "make lock       re-pin requirements.lock and environment.yml from the current .venv"
 
@@ -43,6 +44,9 @@ sweep: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tools/bench.py --out results/bench.json --readme README.md $(BENCH_ARGS)
+
+gpu-check: $(STAMP)
+	$(PY) tools/gpu_check.py --out results/gpu_check.json
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --notebook-dir .

@@ -391,6 +391,7 @@ _TRAIN_HELP = {
     "amp": "autocast dtype: auto (bfloat16 where the device has it natively, float16 on other GPUs, else "
            "float32), bf16, fp16 (CUDA), on (auto, required), off (float32); losses stay float32",
     "channels_last": "model memory layout channels_last: auto (with autocast), on, off",
+    "compile": "torch.compile the backbone and the heads' convolutions (default off: no faster on the CPU)",
     "seed": "seed of the model initialization, data order and augmentation",
     "device": "auto (CUDA when available), cpu or cuda",
     "output_dir": "the run folder: config.json, log.jsonl, checkpoints/, metrics",
@@ -551,7 +552,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flags = ["--" + f.name.replace("_", "-")] + _TRAIN_ALIASES.get(f.name, [])
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _TRAIN_HELP[f.name]}
-        if f.name in ("keep_checkpoints", "resume", "deterministic", "sync_bn"):
+        if f.name in ("keep_checkpoints", "resume", "deterministic", "sync_bn", "compile"):
             train_group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "amp":
             train_group.add_argument(*flags, choices=AMP_MODES, **kwargs)

@@ -66,6 +66,8 @@ __all__ = [
     "time_interleaved",
     "train_step_section",
     "train_step_settings",
+    "engine_step_section",
+    "precision_accuracy_section",
 ]
 
 #: the issue's targets for the fused path (forward + backward), reported beside the measured ratios
@@ -605,13 +607,16 @@ def train_step_settings(config: BenchConfig) -> list[dict[str, Any]]:
     return settings
 
 
-def _step_models(detector: dict[str, Any], device: torch.device, seed: int) -> dict[str, torch.nn.Module]:
-    """One detector per loss variant, all with the weights of the first (built from ``seed``)."""
+def _step_models(
+    detector: dict[str, Any], device: torch.device, seed: int, variants: dict[str, dict[str, Any]] | None = None
+) -> dict[str, torch.nn.Module]:
+    """One detector per loss variant (default :data:`STEP_VARIANTS`), all with the weights of the first
+    (built from ``seed``)."""
     from harmonic.models import DetectorConfig, build_detector
 
     models: dict[str, torch.nn.Module] = {}
     state = None
-    for name, loss_fields in STEP_VARIANTS.items():
+    for name, loss_fields in (STEP_VARIANTS if variants is None else variants).items():
         torch.manual_seed(seed)
         model = build_detector(DetectorConfig(**detector, **loss_fields))
         if state is None:
@@ -766,10 +771,171 @@ def train_step_section(config: BenchConfig) -> dict[str, Any]:
     }
 
 
+#: the engine's step against a plain float32 loop: images per second, engine over plain (targets of the issue)
+TARGET_ENGINE_SPEEDUP = {"cpu": 2.0, "cuda": 3.0}
+#: the precision check's runs (``make sweep SWEEP=precision_fp32`` and ``precision_bf16``)
+PRECISION_SWEEPS = ("precision_fp32", "precision_bf16")
+
+
+def _engine_step_function(model, images, targets, device: torch.device, losses: list[float]) -> Callable[[], float]:
+    """The training engine's own step (:func:`harmonic.engine.training.train_step`) in the precision that
+    ``TrainConfig(amp="auto", channels_last=None)`` resolves to on ``device``, with the "shapes-cpu"
+    preset's optimizer settings; ``model`` is put in that precision's memory layout here."""
+    from harmonic.data import targets_to
+    from harmonic.engine.config import TrainConfig
+    from harmonic.engine.distributed import Context
+    from harmonic.engine.precision import resolve_precision
+    from harmonic.engine.training import train_step
+    from harmonic.models import get_stats
+
+    cfg = TrainConfig.preset("shapes-cpu", warmup_iters=0)
+    precision = resolve_precision(cfg.amp, cfg.channels_last, device)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    ctx = Context(device=device)
+
+    def step() -> float:
+        record = train_step(model, model, optimizer, scaler, params, images, targets, cfg=cfg, ctx=ctx,
+                            iteration=len(losses) + 1, epoch=0, precision=precision, targets_to=targets_to,
+                            get_stats=get_stats, checkpoint_path=Path("unused"))
+        losses.append(record["loss"])
+        return record["loss"]
+
+    step.precision = precision.describe()  # type: ignore[attr-defined]
+    return step
+
+
+def _plain_step_function(model, images, targets, losses: list[float]) -> Callable[[], float]:
+    """What a user would otherwise write, as torchvision's detection references do: float32, ``model(images,
+    targets)``, the sum of the losses, backward, an SGD step (lr 0.01, momentum 0.9, weight decay 1e-4)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, **STEP_SGD)
+
+    def step() -> float:
+        loss_dict = model(images, targets)
+        total = sum(loss for loss in loss_dict.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(float(total.detach()))
+        return losses[-1]
+
+    return step
+
+
+def engine_step_section(config: BenchConfig) -> dict[str, Any]:
+    """The training engine's step (baseline loss) against a plain float32 PyTorch loop over the same
+    torchvision model, weights and batch, side by side in interleaved rounds after warm-up; peak memory of
+    one more step each. Settings as :func:`train_step_settings`. Reports engine images/s over plain images/s
+    and the engine's peak memory over the plain loop's, against the targets (at least 2x on the CPU, 3x on
+    CUDA; memory no higher), with the precision the engine chose."""
+    import gc
+
+    device = torch.device(config.device)
+    rows: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    peak_method = ""
+    target = TARGET_ENGINE_SPEEDUP.get(device.type, 2.0)
+    for setting in train_step_settings(config):
+        name, detector = setting["name"], setting["detector"]
+        if setting["data"] == "shapes":
+            images, targets = _shapes_batch(setting["image_size"], setting["batch"], config.seed)
+        else:
+            images, targets = _random_batch(
+                setting["image_size"], setting["batch"], detector["num_classes"], R50_BOXES_PER_IMAGE, config.seed
+            )
+        images = [image.to(device) for image in images]
+        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+        models = _step_models(detector, device, config.seed, variants={"plain": {"loss": "baseline"},
+                                                                      "engine": {"loss": "baseline"}})
+        losses: dict[str, list[float]] = {"plain": [], "engine": []}
+        steps = {
+            "plain": _plain_step_function(models["plain"], images, targets, losses["plain"]),
+            "engine": _engine_step_function(models["engine"], images, targets, device, losses["engine"]),
+        }
+        samples = time_interleaved(steps, repeats=config.repeats, warmup=config.warmup, device=device)
+        stats = {variant: _summary_ms(times) for variant, times in samples.items()}
+        peaks = {}
+        for variant, step in steps.items():
+            peaks[variant], peak_method = peak_memory_bytes(step, device)
+        for variant in steps:
+            rows.append({"setting": name, "variant": variant, **stats[variant],
+                         "images_per_s": setting["batch"] * 1000.0 / stats[variant]["median_ms"],
+                         "peak_mb": peaks[variant] / 2**20, "first_loss": losses[variant][0]})
+        speedup = stats["plain"]["median_ms"] / stats["engine"]["median_ms"]
+        peak_ratio = _ratio(peaks["engine"], peaks["plain"])
+        summary.append({
+            "setting": name, "engine_over_plain_images_per_s": speedup, "target_speedup": target,
+            "meets_speed_target": speedup >= target,
+            "peak_engine_over_plain": peak_ratio,
+            "meets_memory_target": peak_ratio is not None and peak_ratio <= 1.0 + STEP_PEAK_SLACK,
+            "first_loss_rel_diff": abs(losses["engine"][0] - losses["plain"][0]) / max(abs(losses["plain"][0]), 1e-30),
+            **steps["engine"].precision,  # type: ignore[attr-defined]
+        })
+        del models, steps, images, targets
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "title": "engine step against a plain float32 loop (median of interleaved rounds)",
+        "rows": rows,
+        "summary": summary,
+        "notes": [
+            "plain = float32, model(images, targets), sum, backward, SGD step (torchvision's references); engine = "
+            "harmonic.engine.training.train_step in the precision TrainConfig(amp='auto') resolves to, channels_last "
+            "with autocast, losses in float32, gradient clipping, the loss read back for the log",
+            f"memory: {peak_method}; increase over the step's start" + ("" if device.type == "cuda" else "; approximate"),
+            f"target: engine images/s >= {target} x plain, peak memory <= plain",
+        ],
+        "settings": {"detectors": {s["name"]: s["detector"] for s in train_step_settings(config)}, **asdict(config)},
+    }
+
+
+def precision_accuracy_section(config: BenchConfig, results_dir: Path = Path("results")) -> dict[str, Any]:
+    """The accuracy check of the engine's fast path, read from finished runs (it trains nothing): COCO AP of
+    the default study's baseline in float32 (sweep ``precision_fp32``) and with bfloat16 autocast and
+    channels_last (``precision_bf16``), seed by seed, the mean difference and the float32 seeds' spread."""
+    import json
+    import statistics
+
+    runs: dict[str, dict[int, float]] = {}
+    for sweep in PRECISION_SWEEPS:
+        for metrics in sorted((results_dir / "runs").glob(f"{sweep}-baseline-s*/metrics.json")):
+            seed = int(metrics.parent.name.rsplit("-s", 1)[1])
+            runs.setdefault(sweep, {})[seed] = 100.0 * json.loads(metrics.read_text())["coco"]["AP"]
+    fp32, bf16 = runs.get("precision_fp32", {}), runs.get("precision_bf16", {})
+    seeds = sorted(set(fp32) & set(bf16))
+    rows = [{"seed": s, "AP_fp32": fp32[s], "AP_bf16": bf16[s], "difference": bf16[s] - fp32[s]} for s in seeds]
+    summary: list[dict[str, Any]] = []
+    if seeds:
+        diffs = [r["difference"] for r in rows]
+        spread = statistics.stdev(fp32[s] for s in seeds) if len(seeds) > 1 else None
+        summary.append({
+            "seeds": len(seeds), "mean_AP_fp32": statistics.fmean(fp32[s] for s in seeds),
+            "mean_AP_bf16": statistics.fmean(bf16[s] for s in seeds), "mean_difference": statistics.fmean(diffs),
+            "sd_AP_fp32_over_seeds": spread,
+            "within_seed_noise": None if spread is None else abs(statistics.fmean(diffs)) <= spread,
+        })
+    return {
+        "title": "accuracy of the fast path: the default study's baseline, bfloat16 + channels_last against float32",
+        "rows": rows,
+        "summary": summary,
+        "notes": ["AP in percent, from results/runs/precision_*-baseline-s*/metrics.json (make sweep "
+                  "SWEEP=precision_fp32 and SWEEP=precision_bf16); same seeds, same data, same schedule",
+                  "within_seed_noise: |mean difference| <= the float32 runs' standard deviation over seeds"],
+        "settings": {"sweeps": list(PRECISION_SWEEPS)},
+    }
+
+
 #: section name -> function(config) -> dict; every list of flat records in the dict is printed as a table
 SECTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "dense_loss": dense_loss_section,
     "train_step": train_step_section,
+    "engine_step": engine_step_section,
+    "precision_accuracy": precision_accuracy_section,
 }
 
 
@@ -920,7 +1086,28 @@ def readme_markdown(result: dict, json_path: Path) -> str:
         for row in step["summary"]:
             lines.append(f"| {row.get('setting', row.get('name', '?'))} | {row['harmonic_fused_over_baseline']:.3f} | "
                          f"{row['harmonic_reference_over_baseline']:.3f} | {row['peak_harmonic_fused_over_baseline']:.3f} |")
-    return "\n".join(lines)
+        lines.append("")
+    engine = result["sections"].get("engine_step")
+    if engine:
+        lines += ["Training throughput: the engine's step (`harmonic.engine.training.train_step`, in the precision "
+                  "`amp=\"auto\"` resolves to) against a plain float32 loop over the same model, weights and batch.", "",
+                  "| setting | autocast | channels_last | engine / plain images per second (target >= "
+                  f"{engine['summary'][0]['target_speedup']:g}) | peak memory engine / plain (target <= 1) |",
+                  "|---|---|---|---|---|"]
+        for row in engine["summary"]:
+            peak = "n/a" if row["peak_engine_over_plain"] is None else f"{row['peak_engine_over_plain']:.3f}"
+            lines.append(f"| {row['setting']} | {row['autocast_dtype']} | {row['channels_last']} | "
+                         f"{row['engine_over_plain_images_per_s']:.2f} | {peak} |")
+        lines.append("")
+    accuracy = result["sections"].get("precision_accuracy")
+    if accuracy and accuracy["summary"]:
+        row = accuracy["summary"][0]
+        spread = "n/a" if row["sd_AP_fp32_over_seeds"] is None else f"{row['sd_AP_fp32_over_seeds']:.2f}"
+        lines += ["Accuracy of the fast path (the default study's baseline, full runs, same seeds) [D]: COCO AP "
+                  f"{row['mean_AP_bf16']:.2f} with bfloat16 + channels_last against {row['mean_AP_fp32']:.2f} in "
+                  f"float32 over {row['seeds']} seeds; mean difference {row['mean_difference']:+.2f} AP, float32 "
+                  f"seed-to-seed sd {spread} AP."]
+    return "\n".join(lines).rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # fields that may differ between a run and its resumption: they do not change the iterations already done
 RESUMABLE_CHANGES = frozenset(
     {"resume", "output_dir", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "max_iters",
-     "epochs", "device", "num_threads"}
+     "epochs", "device", "num_threads", "compile"}
 )
 
 
@@ -44,6 +44,9 @@ class TrainConfig:
     where the device computes it natively, float16 with a gradient scaler on other CUDA devices, else
     float32), ``"bf16"``, ``"fp16"``, ``"on"``, ``"off"``; ``channels_last``: the model's memory layout (None:
     with autocast); see :mod:`harmonic.engine.precision`. Losses are computed in float32 either way.
+    ``compile``: ``torch.compile`` the backbone and the heads' convolutions (off by default: on the CPU it
+    measured no faster than eager for the default study and costs about a minute of compiling; see
+    ``make bench``).
 
     Runtime: ``seed``; ``device`` (``"auto"``: CUDA when available); ``output_dir`` (the run folder);
     ``checkpoint_every`` (iterations between writes of ``checkpoints/last.pt``); ``keep_checkpoints`` (also
@@ -75,6 +78,7 @@ class TrainConfig:
     grad_clip: float | None = None
     amp: str = "auto"
     channels_last: bool | None = None
+    compile: bool = False
     seed: int = 0
     device: str = "auto"
     output_dir: str = "results/runs/train"
@@ -145,6 +149,8 @@ class TrainConfig:
             self.amp = "on" if self.amp else "off"
         if self.amp not in AMP_MODES:
             raise bad("amp", f"one of {AMP_MODES}")
+        if not isinstance(self.compile, bool):
+            raise bad("compile", "a bool")
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             raise bad("channels_last", "None (with autocast), True or False")
         if self.device not in DEVICES:

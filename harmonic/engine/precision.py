@@ -79,3 +79,16 @@ def resolve_precision(amp: str, channels_last: bool | None, device: torch.device
             raise ValueError(f"TrainConfig.amp is 'on' but {device.type} has no native bfloat16; use 'auto' or 'off'")
     layout = dtype is not None if channels_last is None else bool(channels_last)
     return Precision(dtype=dtype, scaler=dtype == torch.float16, channels_last=layout)
+
+
+def compile_network(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """``torch.compile`` the parts of a detector that are pure tensor code, in place (``Module.compile``, so
+    the state_dict keys are unchanged): its ``backbone`` and, where the detector has them, the
+    classification and regression sub-heads (the loss and post-processing code, which branch on the data,
+    stay eager). ``backend``: torch.compile's backend. Returns ``model``."""
+    model.backbone.compile(dynamic=False, backend=backend)
+    head = getattr(model, "head", None)
+    for name in ("classification_head", "regression_head"):
+        if head is not None and hasattr(head, name):
+            getattr(head, name).compile(dynamic=False, backend=backend)
+    return model

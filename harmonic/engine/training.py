@@ -28,7 +28,7 @@ from harmonic.engine.checkpoints import (
 )
 from harmonic.engine.config import RESUMABLE_CHANGES, TrainConfig, lr_at
 from harmonic.engine.distributed import Context, all_reduce_mean, gather, setup_context
-from harmonic.engine.precision import resolve_precision
+from harmonic.engine.precision import compile_network, resolve_precision
 from harmonic.engine.sampling import EpochBatchSampler, SeededSamples, derive_seed, iters_per_epoch
 from harmonic.models import MASK_ARCHS, DetectorConfig, build_detector, get_stats
 from harmonic.ops.focal import backend_record
@@ -115,8 +115,8 @@ def train(
     """Train the detector of ``cfg``; returns the run folder (``cfg.output_dir``).
 
     Each iteration ``k`` (1-based): the learning rate :func:`lr_at` ``(cfg, k)``; the forward pass (under
-    autocast in the run's precision, see :mod:`harmonic.engine.precision`); the loss dict of the detector summed; a check that every term is
-    finite (else :class:`NonFiniteLossError` naming the iteration and the terms, before any update, so the
+    autocast in the run's precision, see :mod:`harmonic.engine.precision`); the loss dict of the detector
+    summed; a check that every term is finite (else :class:`NonFiniteLossError` naming the iteration and the terms, before any update, so the
     last checkpoint is the last good state); backward (through the gradient scaler with float16); the global
     gradient norm, clipped to ``grad_clip`` when set (a non-finite norm without a scaler is also an error;
     with one the scaler skips that step); the SGD step. Then one JSON line in ``log.jsonl``, flushed::
@@ -124,6 +124,8 @@ def train(
         {"iter", "epoch", "lr", "loss", "loss/<term>" (each key of the loss dict), "grad_norm",
          "beta_r", "beta_c", "num_positives" (Harmonic loss, when there were positives),
          "amp_scale" (with float16), "time" (s, the whole iteration), "data_time" (s, waiting for data)}
+
+    (:func:`train_step` is one iteration.)
 
     Losses are averaged over processes; the harmonic factors are those of process 0. Distributed runs
     keep per-process BatchNorm statistics (DDP broadcasts process 0's buffers at every forward; the
@@ -192,6 +194,8 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
     model = build_detector(detector_cfg).to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_network(model)
     if cfg.sync_bn and ctx.distributed:
         if device.type != "cuda":
             raise ValueError("TrainConfig.sync_bn needs CUDA (torch.nn.SyncBatchNorm has no CPU implementation)")
@@ -283,7 +287,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
             for images, targets in loader:
                 iteration += 1
                 data_time = time.perf_counter() - tick
-                record = _train_step(
+                record = train_step(
                     net, model, optimizer, scaler, params, images, targets, cfg=cfg, ctx=ctx, iteration=iteration,
                     epoch=epoch, precision=precision, targets_to=targets_to, get_stats=get_stats,
                     checkpoint_path=last_path,
@@ -312,8 +316,13 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
     return run_dir
 
 
-def _train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, ctx, iteration, epoch, precision,
-                targets_to, get_stats, checkpoint_path) -> dict[str, Any]:
+def train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, ctx, iteration, epoch, precision,
+               targets_to, get_stats, checkpoint_path) -> dict[str, Any]:
+    """One iteration of :func:`train` on one batch (see there): the learning rate, the forward pass under
+    ``precision``'s autocast, the loss checks, backward (through ``scaler``), clipping and the optimizer
+    step; returns the iteration's log record (without its times). ``net`` is ``model`` or its DDP wrapper;
+    ``checkpoint_path`` is only named in the error of a non-finite loss. Public so that a benchmark times
+    exactly this step."""
     device = ctx.device
     lr = lr_at(cfg, iteration)
     for group in optimizer.param_groups:

@@ -364,3 +364,23 @@ def test_cuda_amp_run(tmp_path, data_root):
     assert all(math.isfinite(r["loss"]) and r["amp_scale"] > 0 for r in records)
     assert load_checkpoint(run_dir)["model"]["head.classification_head.cls_logits.weight"].device.type == "cpu"
 
+
+
+def test_compile_network_keeps_the_weights_and_the_outputs():
+    from harmonic.engine.precision import compile_network
+    from harmonic.models import DetectorConfig, build_detector
+
+    cfg = DetectorConfig(arch="retinanet", backbone="resnet18_fpn", num_classes=3, fpn_channels=16,
+                         min_size=64, max_size=64, anchor_sizes="auto")
+    torch.manual_seed(0)
+    eager = build_detector(cfg).eval()
+    compiled = build_detector(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compile_network(compiled, backend="eager")  # the eager backend: the wiring, without inductor's minutes
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        a, b = eager(images)[0], compiled(images)[0]
+    torch.testing.assert_close(a["scores"], b["scores"])
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig.preset("shapes-tiny", compile="yes")
