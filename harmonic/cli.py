@@ -290,7 +290,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", help="split of a preset or folder dataset (default: val)")
     parser.add_argument("--image-dir", default=None, help="folder of the images of --dataset")
     parser.add_argument("--out", default=None,
-                        help="folder for metrics.json, detections.json, figures/ (default: the run folder of the "
+                        help="folder for metrics.json, detections.json.gz, figures/ (default: the run folder of the "
                              "checkpoint when evaluating its own validation data, else required)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

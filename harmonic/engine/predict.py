@@ -105,8 +105,8 @@ def evaluate(
 
     Returns the metrics of :func:`harmonic.evaluation.evaluate_predictions` (``{"coco": {AP, AP50, ...},
     "consistency": {...}}``, plus ``"coco_segm"``, the mask AP, for a model that predicts masks). With
-    ``out_dir`` it also writes ``metrics.json`` (with provenance), ``detections.json`` (COCO results
-    format; for masks also ``segmentations.json``, RLE) and ``figures/score_vs_iou.png``.
+    ``out_dir`` it also writes ``metrics.json`` (with provenance), ``detections.json.gz`` (COCO results
+    format, gzip; for masks also ``segmentations.json.gz``, RLE) and ``figures/score_vs_iou.png``.
     """
     if not (is_int(batch_size) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -158,9 +158,11 @@ def evaluate(
         if ckpt is not None:
             parameters.update(iteration=ckpt.get("iteration"), train_config=ckpt["config"], detector=ckpt["detector"])
             seed = ckpt["config"].get("seed")
-        atomic_write_json(out_dir / "detections.json", detections_to_coco(predictions, mapping))
+        # the full detections compressed: a run folder stays small enough to commit (about 5x smaller)
+        atomic_write_json(out_dir / "detections.json.gz", detections_to_coco(predictions, mapping))
         if "coco_segm" in metrics:
-            atomic_write_json(out_dir / "segmentations.json", segmentations_to_coco(predictions, dataset.coco, mapping))
+            atomic_write_json(out_dir / "segmentations.json.gz",
+                              segmentations_to_coco(predictions, dataset.coco, mapping))
         scores, ious = score_iou_pairs(predictions, dataset.coco, mapping)
         atomic_write_json(out_dir / "score_iou.json", {"scores": scores, "ious": ious})
         name = label or (Path(source).parent.parent.name if ckpt is not None else "model")

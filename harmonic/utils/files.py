@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -42,9 +43,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """JSON with sorted keys; NaN/inf are refused (``allow_nan=False``) rather than written silently."""
+    """JSON with sorted keys; NaN/inf are refused (``allow_nan=False``) rather than written silently. A
+    path ending in ``.gz`` is written gzip-compressed (compact JSON, reproducible bytes: no timestamp)."""
+    if Path(path).suffix == ".gz":
+        text = json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False, default=_json_default)
+        return atomic_write_bytes(path, gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0))
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
     return atomic_write_text(path, text + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file written by :func:`atomic_write_json`, gzip-compressed when its name ends in ``.gz``."""
+    path = Path(path)
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return json.loads(data.decode("utf-8"))
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:

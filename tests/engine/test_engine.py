@@ -21,6 +21,7 @@ from harmonic.engine import (
     read_log,
     train,
 )
+from harmonic.utils.files import read_json
 
 ITERS = 4
 
@@ -252,7 +253,7 @@ def test_evaluate_writes_metrics_detections_and_figure(straight_run):
     assert metrics["provenance"]["parameters"]["iteration"] == ITERS
     assert metrics["provenance"]["parameters"]["split"] == "val"
     assert {"git", "versions", "device"} <= set(metrics["provenance"])
-    detections = json.loads((straight_run / "detections.json").read_text())
+    detections = read_json(straight_run / "detections.json.gz")
     assert isinstance(detections, list)
     for det in detections[:20]:
         assert set(det) >= {"image_id", "category_id", "bbox", "score"} and 1 <= det["category_id"] <= 5

@@ -10,6 +10,7 @@ import torch
 
 from harmonic.engine import TrainConfig, evaluate, predict, train
 from harmonic.evaluation import STAT_NAMES
+from harmonic.utils.files import read_json
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,8 @@ def test_mask_rcnn_trains_on_shapes_masks_and_reports_segm_ap(mask_run, tmp_path
     assert all(v is None or 0 <= v <= 1 for v in metrics["coco_segm"].values())
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["coco_segm"] == metrics["coco_segm"]
-    segmentations = json.loads((tmp_path / "eval" / "segmentations.json").read_text())
-    detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
+    segmentations = read_json(tmp_path / "eval" / "segmentations.json.gz")
+    detections = read_json(tmp_path / "eval" / "detections.json.gz")
     assert len(segmentations) == len(detections) > 0
     assert set(segmentations[0]) == {"image_id", "category_id", "segmentation", "score"}
     assert segmentations[0]["segmentation"]["size"] == [96, 96]
