@@ -573,6 +573,21 @@ def _random_batch(
     return images, targets
 
 
+def _setting_batch(
+    setting: dict[str, Any], device: torch.device, seed: int
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """The batch of a :func:`train_step_settings` entry, on ``device``."""
+    if setting["data"] == "shapes":
+        images, targets = _shapes_batch(setting["image_size"], setting["batch"], seed)
+    else:
+        images, targets = _random_batch(
+            setting["image_size"], setting["batch"], setting["detector"]["num_classes"], R50_BOXES_PER_IMAGE, seed
+        )
+    images = [image.to(device) for image in images]
+    targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+    return images, targets
+
+
 def train_step_settings(config: BenchConfig) -> list[dict[str, Any]]:
     """The detectors and batches the training-step section times.
 
@@ -681,14 +696,7 @@ def train_step_section(config: BenchConfig) -> dict[str, Any]:
     settings = train_step_settings(config)
     for setting in settings:
         name, detector = setting["name"], setting["detector"]
-        if setting["data"] == "shapes":
-            images, targets = _shapes_batch(setting["image_size"], setting["batch"], config.seed)
-        else:
-            images, targets = _random_batch(
-                setting["image_size"], setting["batch"], detector["num_classes"], R50_BOXES_PER_IMAGE, config.seed
-            )
-        images = [image.to(device) for image in images]
-        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+        images, targets = _setting_batch(setting, device, config.seed)
         models = _step_models(detector, device, config.seed)
         losses: dict[str, list[float]] = {variant: [] for variant in models}
         steps = {
@@ -841,14 +849,7 @@ def engine_step_section(config: BenchConfig) -> dict[str, Any]:
     target = TARGET_ENGINE_SPEEDUP.get(device.type, 2.0)
     for setting in train_step_settings(config):
         name, detector = setting["name"], setting["detector"]
-        if setting["data"] == "shapes":
-            images, targets = _shapes_batch(setting["image_size"], setting["batch"], config.seed)
-        else:
-            images, targets = _random_batch(
-                setting["image_size"], setting["batch"], detector["num_classes"], R50_BOXES_PER_IMAGE, config.seed
-            )
-        images = [image.to(device) for image in images]
-        targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+        images, targets = _setting_batch(setting, device, config.seed)
         models = _step_models(detector, device, config.seed, variants={"plain": {"loss": "baseline"},
                                                                       "engine": {"loss": "baseline"}})
         losses: dict[str, list[float]] = {"plain": [], "engine": []}

@@ -34,17 +34,6 @@ def tiny_config(output_dir, **overrides) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from harmonic.data import ensure_default_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    ensure_default_dataset("shapes-tiny", root=root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HARMONIC_DATA", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
 def straight_run(data_root, tmp_path_factory):
     """A run trained through the command line, uninterrupted, then evaluated on shapes-tiny's val split."""
     run_dir = tmp_path_factory.mktemp("runs") / "straight"

@@ -14,18 +14,6 @@ from harmonic.utils.files import read_json
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """shapes-tiny generated once for the module, found through ``$HARMONIC_DATA``."""
-    from harmonic.data import ensure_default_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    ensure_default_dataset("shapes-tiny", root=root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HARMONIC_DATA", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
 def mask_run(data_root, tmp_path_factory):
     """Two iterations of a tiny Mask R-CNN (Harmonic + HIoU on the box head) on shapes-tiny."""
     cfg = TrainConfig.preset(

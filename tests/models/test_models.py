@@ -23,7 +23,14 @@ from harmonic.models import CANDIDATE_KEYS, DetectorConfig, build_detector, get_
 from harmonic.models.backbones import default_anchor_sizes, level_strides
 from harmonic.models.common import HarmonicTransform, ignore_crowd_anchors
 
-from tiny_detectors import K, assert_finite_losses_and_gradients, batch, tiny, with_masks
+from tiny_detectors import (
+    K,
+    assert_cuda_matches_cpu,
+    assert_finite_losses_and_gradients,
+    batch,
+    tiny,
+    with_masks,
+)
 
 ARCHS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssd")
 TWO_STAGE = ("faster_rcnn", "mask_rcnn")
@@ -477,26 +484,8 @@ def test_cpu_autocast_gives_finite_harmonic_losses():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_losses_match_cpu_and_autocast_is_finite(arch):
-    cfg = tiny(arch, loss="harmonic", tc_weight=1.0)
-    model = build(cfg)
-    images, targets = batch()
-    cpu = train_losses(model, images, targets)
-    model.cuda()
-    images_gpu = [i.cuda() for i in images]
-    targets_gpu = [{k: v.cuda() for k, v in t.items()} for t in targets]
-    gpu = train_losses(model, images_gpu, targets_gpu)
-    if arch not in TWO_STAGE:  # random RoI sampling differs between devices
-        for key in cpu:
-            torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-3, atol=1e-3)
-    with torch.autocast("cuda", dtype=torch.float16):
-        amp = train_losses(model, images_gpu, targets_gpu)
-    assert all(torch.isfinite(v) for v in amp.values())
-    sum(amp.values()).backward()
-    model.eval()
-    set_record_candidates(model, True)
-    with torch.no_grad():
-        out = model(images_gpu)
-    assert out[0]["boxes"].device.type == "cuda" and "candidate_boxes" in out[0]
+    model = build(tiny(arch, loss="harmonic", tc_weight=1.0))
+    assert_cuda_matches_cpu(model, *batch(), train_losses, compare=arch not in TWO_STAGE)
 
 
 def test_losses_are_float32_under_bfloat16_autocast(monkeypatch):

@@ -14,7 +14,7 @@ from harmonic.models.backbones import RefineDetVGG16, default_anchor_sizes, leve
 from harmonic.models.head_loss import softmax_harmonic_loss
 from harmonic.models.refinedet import HarmonicRefineDet, RefineDetHead, refinedet_anchors
 
-from tiny_detectors import K, assert_finite_losses_and_gradients, batch, tiny
+from tiny_detectors import K, assert_cuda_matches_cpu, assert_finite_losses_and_gradients, batch, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -320,20 +320,4 @@ def test_config_defaults_and_errors_name_the_field():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_losses_match_cpu_and_eval_runs():
     model = build(loss="harmonic", refinedet_harmonic_arm=True, tc_weight=1.0)
-    images, targets = batch()
-    cpu = train_losses(model, images, targets)
-    model.cuda()
-    images_gpu = [i.cuda() for i in images]
-    targets_gpu = [{k: v.cuda() for k, v in t.items()} for t in targets]
-    gpu = train_losses(model, images_gpu, targets_gpu)
-    for key in cpu:
-        torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-3, atol=1e-3)
-    with torch.autocast("cuda", dtype=torch.float16):
-        amp = train_losses(model, images_gpu, targets_gpu)
-    assert all(torch.isfinite(v) for v in amp.values())
-    sum(amp.values()).backward()
-    model.eval()
-    set_record_candidates(model, True)
-    with torch.no_grad():
-        out = model(images_gpu)
-    assert out[0]["boxes"].device.type == "cuda" and "candidate_boxes" in out[0]
+    assert_cuda_matches_cpu(model, *batch(), train_losses)

@@ -63,3 +63,29 @@ def assert_finite_losses_and_gradients(model: nn.Module, losses: dict[str, torch
         if parameter.requires_grad:
             assert parameter.grad is not None, name
             assert torch.isfinite(parameter.grad).all(), name
+
+
+def assert_cuda_matches_cpu(model: nn.Module, images, targets, train_losses, *, compare: bool = True) -> None:
+    """``model``'s training losses on CUDA against the CPU's (``compare``: two-stage detectors sample RoIs
+    at random, differently per device), finite under float16 autocast with a backward pass, and eval
+    outputs on CUDA with pre-NMS candidates. ``train_losses(model, images, targets)`` computes the losses."""
+    from harmonic.models import set_record_candidates
+
+    cpu = train_losses(model, images, targets)
+    model.cuda()
+    images_gpu = [i.cuda() for i in images]
+    targets_gpu = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    gpu = train_losses(model, images_gpu, targets_gpu)
+    if compare:
+        for key in cpu:
+            torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-3, atol=1e-3)
+    with torch.autocast("cuda", dtype=torch.float16):
+        amp = train_losses(model, images_gpu, targets_gpu)
+    assert all(torch.isfinite(v) for v in amp.values())
+    sum(amp.values()).backward()
+    model.eval()
+    set_record_candidates(model, True)
+    with torch.no_grad():
+        out = model(images_gpu)
+    assert out[0]["boxes"].device.type == "cuda" and "candidate_boxes" in out[0]
+
