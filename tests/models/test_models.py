@@ -19,7 +19,14 @@ from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from harmonic.losses import WATCH_KEYS, harmonic_iou_loss, harmonic_loss
-from harmonic.models import CANDIDATE_KEYS, DetectorConfig, build_detector, get_samples, get_stats, set_record_candidates
+from harmonic.models import (
+    CANDIDATE_KEYS,
+    DetectorConfig,
+    build_detector,
+    get_samples,
+    get_stats,
+    set_record_candidates,
+)
 from harmonic.models.backbones import default_anchor_sizes, level_strides
 from harmonic.models.common import HarmonicTransform, ignore_crowd_anchors
 
