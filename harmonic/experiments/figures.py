@@ -249,7 +249,9 @@ def plot_watch_histograms(
     The background is red where ``dF/dx < 0`` for the run's definition of ``x`` (score above
     ``p*(y)``, :func:`harmonic.theory.derivations.reversal_score`), blue where ``dF/dx > 0``; both
     boundaries are drawn, ``p*(y)`` for the focal definition (solid) and for the cross-entropy (dashed),
-    with ``y = Y_REVERSAL`` dotted. Counts on a log colour scale.
+    with ``y = Y_REVERSAL`` dotted. Counts on a log colour scale. The focal boundary is that of the target
+    entry's focal loss; a sigmoid head's ``x`` (the focal loss summed over the K classes) also holds the
+    other classes' small terms, so its exact boundary lies slightly lower [D].
 
     Args:
         samples: run label -> the run's samples ``{"definition": "focal" | "ce", "snapshots": [{"iter",
