@@ -251,7 +251,7 @@ def plot_watch_histograms(
     boundaries are drawn, ``p*(y)`` for the focal definition (solid) and for the cross-entropy (dashed),
     with ``y = Y_REVERSAL`` dotted. Counts on a log colour scale. The focal boundary is that of the target
     entry's focal loss; a sigmoid head's ``x`` (the focal loss summed over the K classes) also holds the
-    other classes' small terms, so its exact boundary lies slightly lower [D].
+    other classes' small terms: x is a little larger at a given score, so its exact boundary lies slightly higher [D].
 
     Args:
         samples: run label -> the run's samples ``{"definition": "focal" | "ce", "snapshots": [{"iter",
