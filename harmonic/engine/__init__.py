@@ -25,6 +25,8 @@ The package, one module per concern (everything public is re-exported here, so
 * :mod:`harmonic.engine.training`     ``train``, the optimizer step, ``IterationState``,
   ``NonFiniteLossError``
 * :mod:`harmonic.engine.predict`      ``predict`` and ``evaluate``
+* :mod:`harmonic.engine.watch`        per-positive samples at three points of training
+  (``watch_samples.json``)
 """
 
 # Names imported ``as`` themselves are public but outside ``__all__`` (constants).
@@ -37,6 +39,7 @@ from harmonic.engine.config import RESUMABLE_CHANGES as RESUMABLE_CHANGES
 from harmonic.engine.predict import evaluate, predict
 from harmonic.engine.sampling import EpochBatchSampler, SeededSamples, derive_seed, iters_per_epoch
 from harmonic.engine.training import IterationState, NonFiniteLossError, train
+from harmonic.engine.watch import read_samples
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -48,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "derive_seed",
     "evaluate",
+    "read_samples",
     "iters_per_epoch",
     "load_checkpoint",
     "load_model",

@@ -30,7 +30,8 @@ from harmonic.engine.config import RESUMABLE_CHANGES, TrainConfig, lr_at
 from harmonic.engine.distributed import Context, all_reduce_mean, gather, setup_context
 from harmonic.engine.precision import compile_network, resolve_precision
 from harmonic.engine.sampling import EpochBatchSampler, SeededSamples, derive_seed, iters_per_epoch
-from harmonic.models import MASK_ARCHS, DetectorConfig, build_detector, get_stats
+from harmonic.engine.watch import sample_iterations, snapshot, truncate_samples, write_snapshot, x_definition
+from harmonic.models import MASK_ARCHS, DetectorConfig, build_detector, get_samples, get_stats
 from harmonic.ops.focal import backend_record
 from harmonic.utils.files import atomic_torch_save, atomic_write_json
 from harmonic.utils.provenance import provenance
@@ -123,9 +124,14 @@ def train(
 
         {"iter", "epoch", "lr", "loss", "loss/<term>" (each key of the loss dict), "grad_norm",
          "beta_r", "beta_c", "num_positives" (Harmonic loss, when there were positives),
+         "watch/<...>" (the watch statistics of harmonic.losses.WATCH_KEYS, when there were positives:
+         percentiles of x, y, IoU and score, the shares with dF/dx < 0 (Eq. 8-9) and with Eq. 5's bracket
+         below zero, the mean dF/dx; a baseline logs them as counterfactuals, "watch/counterfactual" 1),
          "amp_scale" (with float16), "time" (s, the whole iteration), "data_time" (s, waiting for data)}
 
-    (:func:`train_step` is one iteration.)
+    At the iterations ``ceil(k * total / 3)``, k = 1, 2, 3, process 0 also writes a capped subsample of the
+    positives' ``(x, y, score)`` to ``watch_samples.json`` (:mod:`harmonic.engine.watch`).
+    :func:`train_step` is one iteration.
 
     Losses are averaged over processes; the harmonic factors are those of process 0. Distributed runs
     keep per-process BatchNorm statistics (DDP broadcasts process 0's buffers at every forward; the
@@ -236,6 +242,9 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
                                      device_details={**backend_record(device), **precision.describe()}),
         })
         _truncate_log(log_path, start)
+        truncate_samples(run_dir, start)
+    watch_iters = set(sample_iterations(total))
+    definition = x_definition(detector_cfg.arch, detector_cfg.beta_c_source)
 
     def checkpoint_state(iteration: int, *, final: bool) -> dict[str, Any] | None:
         rng = gather(_rng_state(device), ctx)  # a collective: every process takes part
@@ -302,6 +311,10 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
                     if bar.disable and (iteration % cfg.log_every == 0 or iteration == total):
                         print(f"[{run_dir.name}] iter {iteration}/{total} loss {record['loss']:.4f} "
                               f"lr {record['lr']:.2e} {record['time']:.2f}s/it", flush=True)
+                if ctx.is_main and iteration in watch_iters:
+                    entry = snapshot(get_samples(model), iteration=iteration, seed=cfg.seed)
+                    if entry is not None:
+                        write_snapshot(run_dir, entry, definition=definition)
                 if iteration % cfg.checkpoint_every == 0 or iteration == total:
                     save(iteration)
                 if on_iteration is not None:
@@ -360,9 +373,9 @@ def train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, c
     record.update({f"loss/{k}": terms[k] for k in names})
     record["grad_norm"] = _json_float(grad_norm)
     stats = get_stats(model)
-    for key in ("beta_r", "beta_c", "num_positives"):
-        if key in stats and math.isfinite(stats[key]):
-            record[key] = stats[key]
+    for key, value in stats.items():
+        if (key in ("beta_r", "beta_c", "num_positives") or key.startswith("watch/")) and math.isfinite(value):
+            record[key] = value
     if precision.scaler:
         record["amp_scale"] = float(scaler.get_scale())
     return record

@@ -1,5 +1,6 @@
-"""Figures of the training notebooks: training curves (the supplement's Fig. 3) and a metric against a
-swept parameter."""
+"""Figures of the training notebooks: training curves (the supplement's Fig. 3), the watch statistics of
+the supplement's assumptions during training (shares against iteration, histograms of the positives in
+(y, score) over the sign of Eq. 8's dF/dx) and a metric against a swept parameter."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from harmonic.losses.watch import Y_REVERSAL
 from harmonic.utils.figures import finish, new_figure, save_figure
 
 # Keys of a training-log record that are looked up as they are, not as "loss/<term>".
@@ -173,21 +175,186 @@ def plot_metric_vs_param(
     return finish(fig, path, dpi)
 
 
+#: the watch shares drawn against iteration, with their panel titles
+WATCH_SHARE_PANELS = {
+    "watch/reversed_share": "share with dF/dx < 0 (Eq. 8-9 fail: score pushed down)",
+    "watch/box_pushed_away_share": "share with Eq. 5's bracket < 0 (box pushed away)",
+    "watch/y_over_threshold_share": f"share with y > {Y_REVERSAL:.4f}",
+    "watch/cls_multiplier": "mean dF/dx (net multiplier of dCE/dlogit)",
+}
+
+
+def _watch_label(label: str, records: Sequence[Mapping]) -> str:
+    counterfactual = any(r.get("watch/counterfactual") == 1.0 for r in records if isinstance(r, Mapping))
+    return f"{label} (counterfactual)" if counterfactual else label
+
+
+def plot_watch_shares(
+    logs: dict[str, list[dict]],
+    smooth: int = 20,
+    *,
+    path: str | Path | None = None,
+    dpi: int = 120,
+    panel_size: tuple[float, float] = (4.4, 3.2),
+) -> Figure:
+    """The watch shares against iteration [D], one panel per key of :data:`WATCH_SHARE_PANELS`, runs
+    overlaid (a baseline's counterfactual numbers labelled so), raw faint and a trailing moving average over
+    ``smooth`` records on top. ``logs``: run label -> its log records (records without the key are
+    skipped: iterations without positives). Raises ValueError when no run logs watch statistics."""
+    if not isinstance(logs, Mapping) or not logs:
+        raise ValueError("logs must be a non-empty dict: run label -> list of log records")
+    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0:
+        raise ValueError(f"smooth must be a non-negative integer, got {smooth!r}")
+    watched = {label: [r for r in records if isinstance(r, Mapping) and "watch/reversed_share" in r]
+               for label, records in logs.items()}
+    if not any(watched.values()):
+        raise ValueError(f"no run logs watch statistics ('watch/reversed_share'): {sorted(logs)}")
+    fig = new_figure((panel_size[0] * 2, panel_size[1] * 2 + 0.4))
+    for ax, (key, title) in zip(fig.subplots(2, 2).ravel(), WATCH_SHARE_PANELS.items()):
+        for index, (label, records) in enumerate(watched.items()):
+            if not records:
+                continue
+            iters, values = _series(label, records, key)
+            order = np.argsort(iters, kind="stable")
+            iters, values = iters[order], values[order]
+            color = f"C{index}"
+            if smooth > 1:
+                ax.plot(iters, values, color=color, alpha=0.25, linewidth=0.7)
+                values = _moving_average(values, smooth)
+            ax.plot(iters, values, color=color, linewidth=1.3, label=_watch_label(label, records))
+        if key == "watch/cls_multiplier":
+            ax.axhline(0.0, color="0.4", linewidth=0.7, linestyle=":")
+        else:
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+    fig.suptitle("The supplement's assumptions during training, over the positives of each batch [D]"
+                 + (f"; moving average over {smooth} records" if smooth > 1 else ""), fontsize=10)
+    return finish(fig, path, dpi)
+
+
+def plot_watch_histograms(
+    samples: dict[str, dict],
+    *,
+    bins: int = 40,
+    path: str | Path | None = None,
+    dpi: int = 120,
+    panel_size: tuple[float, float] = (3.6, 3.0),
+) -> Figure:
+    """2-D histograms of the positives in (y, score) at the snapshots of each run [D], over the sign of
+    Eq. 8's dF/dx: one row per run, one column per snapshot (``watch_samples.json``,
+    :mod:`harmonic.engine.watch`).
+
+    The background is red where ``dF/dx < 0`` for the run's definition of ``x`` (score above
+    ``p*(y)``, :func:`harmonic.theory.derivations.reversal_score`), blue where ``dF/dx > 0``; both
+    boundaries are drawn, ``p*(y)`` for the focal definition (solid) and for the cross-entropy (dashed),
+    with ``y = Y_REVERSAL`` dotted. Counts on a log colour scale. The focal boundary is that of the target
+    entry's focal loss; a sigmoid head's ``x`` (the focal loss summed over the K classes) also holds the
+    other classes' small terms: x is a little larger at a given score, so its exact boundary lies slightly higher [D].
+
+    Args:
+        samples: run label -> the run's samples ``{"definition": "focal" | "ce", "snapshots": [{"iter",
+            "y": [...], "score": [...]}, ...]}``; runs without snapshots are left out.
+        bins: histogram bins per axis.
+
+    Raises:
+        ValueError: no run has a snapshot, or a snapshot whose ``y`` and ``score`` differ in length.
+    """
+    from matplotlib.colors import ListedColormap, LogNorm
+
+    from harmonic.theory.derivations import reversal_score  # derivations pulls in sympy and scipy
+
+    runs = {label: data for label, data in samples.items() if data and data.get("snapshots")}
+    if not runs:
+        raise ValueError(f"no run has watch samples: {sorted(samples)}")
+    ncols = max(len(data["snapshots"]) for data in runs.values())
+    all_y = np.concatenate([np.asarray(s["y"], dtype=float) for d in runs.values() for s in d["snapshots"]])
+    y_max = max(3.0, float(np.quantile(all_y, 0.99)) * 1.05) if all_y.size else 3.0
+    grid_y = np.linspace(1e-3, y_max, 400)
+    boundaries = {d: reversal_score(grid_y, d) for d in ("focal", "ce")}
+    sign_cmap = ListedColormap(["#dbe9f6", "#f6d5d5"])  # dF/dx > 0, dF/dx < 0
+    fig = new_figure((panel_size[0] * ncols, panel_size[1] * len(runs) + 0.5))
+    axes = fig.subplots(len(runs), ncols, squeeze=False)
+    for row, (label, data) in zip(axes, runs.items()):
+        definition = data.get("definition", "ce")
+        grid_p = np.linspace(0.0, 1.0, 200)
+        reversed_region = grid_p[:, None] > boundaries[definition][None, :]
+        for ax in row[len(data["snapshots"]):]:
+            ax.set_visible(False)
+        for ax, snap in zip(row, data["snapshots"]):
+            y, score = np.asarray(snap["y"], dtype=float), np.asarray(snap["score"], dtype=float)
+            if y.shape != score.shape:
+                raise ValueError(f"{label}: snapshot at iter {snap.get('iter')} has {y.size} y and {score.size} scores")
+            ax.pcolormesh(grid_y, grid_p, reversed_region.astype(float), cmap=sign_cmap, vmin=0, vmax=1,
+                          shading="auto", rasterized=True)
+            counts, y_edges, p_edges = np.histogram2d(y, score, bins=bins, range=[[0.0, y_max], [0.0, 1.0]])
+            masked = np.ma.masked_equal(counts.T, 0)
+            if masked.count():
+                ax.pcolormesh(y_edges, p_edges, masked, cmap="viridis", norm=LogNorm(vmin=1, vmax=max(1.0, counts.max())))
+            ax.plot(grid_y, boundaries["focal"], color="black", linewidth=1.1, label="p*(y), x = focal")
+            ax.plot(grid_y, boundaries["ce"], color="black", linewidth=1.1, linestyle="--", label="p*(y), x = CE")
+            ax.axvline(Y_REVERSAL, color="0.3", linewidth=0.7, linestyle=":")
+            ax.set_xlim(0.0, y_max)
+            ax.set_ylim(0.0, 1.0)
+            ax.set_title(f"{label}, iter {snap.get('iter')} (n = {y.size} of {snap.get('num_positives', y.size)})",
+                         fontsize=8)
+            ax.set_xlabel("y = L_loc")
+            ax.set_ylabel("ground-truth class score")
+        row[0].legend(fontsize=6, loc="upper right")
+    fig.suptitle("Positives in (y, score) over the sign of dF/dx (red: dF/dx < 0, score pushed down; "
+                 "background for each run's own x) [D]", fontsize=9)
+    return finish(fig, path, dpi)
+
+
+def _watch_table(logs: dict[str, list[dict]], smooth: int) -> str:
+    rows = []
+    for label, records in logs.items():
+        watched = [r for r in records if "watch/reversed_share" in r]
+        if not watched:
+            continue
+        window = max(1, min(smooth, len(watched) // 4))
+        cells = [f"{np.mean([r[k] for r in part]):.3f}"
+                 for k in ("watch/reversed_share", "watch/box_pushed_away_share", "watch/y_over_threshold_share",
+                           "watch/cls_multiplier")
+                 for part in (watched[:window], watched[-window:])]
+        rows.append(f"| {_watch_label(label, watched)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    header = ("| run | reversed, first | reversed, last | box pushed away, first | box pushed away, last | "
+              f"y > {Y_REVERSAL:.4f}, first | y > {Y_REVERSAL:.4f}, last | mean dF/dx, first | mean dF/dx, last |")
+    return "\n".join([header, "|---" * 9 + "|", *rows])
+
+
 def convergence_figures(
     runs: dict[str, str], *, results_dir: str | Path = "results", smooth: int = 20, dpi: int = 120
 ) -> dict[str, Any]:
-    """The supplement's Fig. 3 from the logs of ``runs`` (label -> run folder name under results/runs)."""
+    """The supplement's Fig. 3 from the logs of ``runs`` (label -> run folder name under results/runs),
+    and, where the runs logged them, the watch figures: :func:`plot_watch_shares`
+    (``watch_shares.png``) and :func:`plot_watch_histograms` (``watch_histograms.png``, from each run's
+    ``watch_samples.json``).
+
+    Returns ``{"figures": [paths], "summary_markdown", "watch_markdown" (first and last window means of
+    the watch shares; "" without watch statistics), "logs", "samples"}``.
+    """
     from harmonic.engine.checkpoints import read_log  # engine pulls in torch and torchvision
+    from harmonic.engine.watch import read_samples  # engine pulls in torch and torchvision
 
     results_dir = Path(results_dir)
-    logs = {}
+    logs, samples = {}, {}
     for label, name in runs.items():
         path = results_dir / "runs" / name / "log.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"run {name!r} ({label}) has no log at {path}: train it first (notebook 03)")
         logs[label] = read_log(path)
+        samples[label] = read_samples(path.parent)
     fig = plot_training_curves(logs, smooth=smooth)
-    figure = save_figure(fig, results_dir / "figures" / "fig3_training_loss.png", dpi=dpi)
+    figures = [save_figure(fig, results_dir / "figures" / "fig3_training_loss.png", dpi=dpi)]
+    if any("watch/reversed_share" in r for records in logs.values() for r in records):
+        figures.append(save_figure(plot_watch_shares(logs, smooth=smooth), results_dir / "figures" / "watch_shares.png", dpi=dpi))
+    labelled = {_watch_label(label, logs[label]): data for label, data in samples.items()}
+    if any(data and data.get("snapshots") for data in labelled.values()):
+        figures.append(save_figure(plot_watch_histograms(labelled), results_dir / "figures" / "watch_histograms.png", dpi=dpi))
     rows = []
     for label, records in logs.items():
         window = max(1, min(smooth, len(records) // 4))
@@ -196,4 +363,5 @@ def convergence_figures(
         rows.append(f"| {label} | {len(records)} | {first:.4f} | {last:.4f} | {last / first:.3f} |")
     table = "\n".join(["| run | iterations | mean loss, first window | mean loss, last window | ratio |",
                        "|---|---|---|---|---|", *rows])
-    return {"figures": [figure], "summary_markdown": table, "logs": logs}
+    return {"figures": figures, "summary_markdown": table, "watch_markdown": _watch_table(logs, smooth),
+            "logs": logs, "samples": samples}

@@ -1,6 +1,7 @@
-"""The Harmonic loss (Eq. 1), the Harmonic IoU loss (Eq. 11), the task-contrasting term [R] and the
-comparison losses, one file each; everything is functional and device agnostic, with ``nn.Module``
-wrappers that add ``reduction``, ``loss_weight``, ``weight`` and ``avg_factor``.
+"""The Harmonic loss (Eq. 1), the Harmonic IoU loss (Eq. 11), the task-contrasting term [R], the
+comparison losses and the statistics that watch the supplement's assumptions during training (watch.py),
+one file each; everything is functional and device agnostic, with ``nn.Module`` wrappers that add
+``reduction``, ``loss_weight``, ``weight`` and ``avg_factor``.
 
 Notation follows the supplementary material (Wang and Zhang, ICCV 2021).
 """
@@ -22,6 +23,7 @@ from harmonic.losses.reduction import (
     weight_reduce_loss,
 )
 from harmonic.losses.task_contrasting import TaskContrastingLoss, class_entropy, task_contrasting_loss
+from harmonic.losses.watch import WATCH_KEYS, Y_REVERSAL, watch_statistics
 
 __all__ = [
     "REDUCTIONS",
@@ -44,4 +46,7 @@ __all__ = [
     "quality_focal_loss",
     "varifocal_loss",
     "iou_balanced_weights",
+    "WATCH_KEYS",
+    "Y_REVERSAL",
+    "watch_statistics",
 ]

@@ -14,10 +14,10 @@ loss-only swaps in the same detector.
 * :mod:`harmonic.models.retinanet`, :mod:`~harmonic.models.fcos`, :mod:`~harmonic.models.faster_rcnn`,
   :mod:`~harmonic.models.mask_rcnn`, :mod:`~harmonic.models.ssd`, :mod:`~harmonic.models.refinedet`
                                        the six detectors
-* :mod:`harmonic.models.build`        ``build_detector``, ``get_stats``, ``set_record_candidates``
+* :mod:`harmonic.models.build`        ``build_detector``, ``get_stats``, ``get_samples``, ``set_record_candidates``
 """
 
-from harmonic.models.build import build_detector, get_stats, set_record_candidates
+from harmonic.models.build import build_detector, get_samples, get_stats, set_record_candidates
 from harmonic.models.common import CANDIDATE_KEYS
 from harmonic.models.config import ARCHS, BACKBONES, MASK_ARCHS, DetectorConfig
 
@@ -28,6 +28,7 @@ __all__ = [
     "MASK_ARCHS",
     "DetectorConfig",
     "build_detector",
+    "get_samples",
     "get_stats",
     "set_record_candidates",
 ]

@@ -1,8 +1,9 @@
-"""``build_detector``, ``get_stats`` and ``set_record_candidates``."""
+"""``build_detector``, ``get_stats``, ``get_samples`` and ``set_record_candidates``."""
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSDHead
 
@@ -16,7 +17,7 @@ from harmonic.models.refinedet import ASPECT_RATIOS, HarmonicRefineDet, RefineDe
 from harmonic.models.retinanet import HarmonicRetinaNet, HarmonicRetinaNetHead
 from harmonic.models.ssd import HarmonicSSD
 
-__all__ = ["build_detector", "get_stats", "set_record_candidates"]
+__all__ = ["build_detector", "get_samples", "get_stats", "set_record_candidates"]
 
 # torchvision's SSD300 VGG16 default boxes and input normalization (its weights expect 0-255 inputs)
 _SSD300_BOXES = {
@@ -105,17 +106,42 @@ def _build_refinedet(cfg: DetectorConfig, backbone: nn.Module, sizes, options, p
     )
 
 
-def get_stats(model: nn.Module) -> dict[str, float]:
-    """Mean beta_r and beta_c over the positives of the last training forward, and their number.
-
-    ``{"beta_r", "beta_c", "num_positives"}`` (the means only when there was a positive); for a comparison
-    loss ``{"num_positives", "mean_iou"}`` (mean quality target, only when there was a positive); empty for
-    the baseline loss or before the first training forward. ``DistributedDataParallel`` is unwrapped.
-    """
+def _recorder(model: nn.Module) -> StatsMixin | None:
+    """The first :class:`StatsMixin` module of ``model`` that recorded something, or None."""
     for module in unwrap(model).modules():
-        if isinstance(module, StatsMixin) and module.harmonic_stats:
-            return {k: float(v) for k, v in module.harmonic_stats.items()}
-    return {}
+        if isinstance(module, StatsMixin) and (module.harmonic_stats or module.harmonic_samples):
+            return module
+    return None
+
+
+def get_stats(model: nn.Module) -> dict[str, float]:
+    """The loss's statistics over the positives of the last training forward, read in one host sync.
+
+    Harmonic loss: ``{"beta_r", "beta_c", "num_positives"}`` (the means only when there was a positive)
+    and, when there was a positive, the watch statistics :data:`harmonic.losses.WATCH_KEYS` (percentiles
+    of x = the factor's CE, y = L_loc, decoded IoU and score; ``"watch/reversed_share"``, the share of
+    positives with dF/dx < 0, where Eq. 8-9 fail and the score is pushed down [D];
+    ``"watch/box_pushed_away_share"``, Eq. 5's bracket below zero; ``"watch/cls_multiplier"``, the mean
+    dF/dx). Baseline RetinaNet, Faster R-CNN, Mask R-CNN, SSD and RefineDet: the same watch statistics as
+    counterfactuals (``"watch/counterfactual"`` 1; see :func:`harmonic.models.head_loss.dense_watch_counterfactual`);
+    baseline FCOS: empty. Comparison loss: ``{"num_positives", "mean_iou"}`` (mean quality target, only
+    when there was a positive). Empty before the first training forward. ``DistributedDataParallel`` is
+    unwrapped. The values are stacked into one tensor and read with a single ``.tolist()``.
+    """
+    module = _recorder(model)
+    if module is None or not module.harmonic_stats:
+        return {}
+    keys = list(module.harmonic_stats)
+    values = torch.stack([module.harmonic_stats[k].reshape(()) for k in keys]).tolist()
+    return dict(zip(keys, values))
+
+
+def get_samples(model: nn.Module) -> dict[str, Tensor]:
+    """The detached per-positive tensors [P] of the last training forward: ``{"x", "y", "score"}`` (the
+    factor's CE, L_loc and the ground-truth class score, as :func:`get_stats`' watch statistics use them);
+    empty when there was no positive, for a comparison loss and baseline FCOS. Left on the model's device."""
+    module = _recorder(model)
+    return dict(module.harmonic_samples) if module is not None else {}
 
 
 def set_record_candidates(model: nn.Module, flag: bool) -> None:

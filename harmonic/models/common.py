@@ -209,15 +209,21 @@ class ImageCandidates:
 
 
 class StatsMixin:
-    """Holds the detached statistics of the last training forward (see :func:`harmonic.models.get_stats`)."""
+    """Holds the detached statistics of the last training forward: ``harmonic_stats`` the 0-dim ones
+    (:func:`harmonic.models.get_stats`), ``harmonic_samples`` the per-positive tensors [P] whose keys start
+    with ``"samples/"`` (:func:`harmonic.models.get_samples`). Recording keeps references only: no copy,
+    no host synchronization."""
 
     harmonic_stats: dict[str, Tensor]
+    harmonic_samples: dict[str, Tensor]
 
     def _init_stats(self) -> None:
         self.harmonic_stats = {}
+        self.harmonic_samples = {}
 
     def _record_stats(self, stats: dict[str, Tensor]) -> None:
-        self.harmonic_stats = {k: v.detach() for k, v in stats.items()}
+        self.harmonic_stats = {k: v.detach() for k, v in stats.items() if not k.startswith("samples/")}
+        self.harmonic_samples = {k[len("samples/"):]: v.detach() for k, v in stats.items() if k.startswith("samples/")}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

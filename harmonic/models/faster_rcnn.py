@@ -28,7 +28,12 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, mask
 from torchvision.ops import boxes as box_ops
 
 from harmonic.models.common import HarmonicTransform, StatsMixin, finish_detections, float32_losses
-from harmonic.models.head_loss import HarmonicOptions, softmax_harmonic_loss, split_losses_and_stats
+from harmonic.models.head_loss import (
+    HarmonicOptions,
+    softmax_harmonic_loss,
+    softmax_watch_counterfactual,
+    split_losses_and_stats,
+)
 
 __all__ = ["HarmonicFasterRCNN", "HarmonicRoIHeads"]
 
@@ -116,10 +121,16 @@ class HarmonicRoIHeads(StatsMixin, RoIHeads):
     def box_loss(
         self, class_logits, box_regression, proposals, matched_idxs, labels, regression_targets, targets
     ) -> dict[str, Tensor]:
-        """The box head's loss, in float32: torchvision's ``fastrcnn_loss``, or the Harmonic loss when
-        ``options`` is set (its terms under torchvision's key names, statistics recorded)."""
+        """The box head's loss, in float32: torchvision's ``fastrcnn_loss`` (the watch statistics recorded as
+        counterfactuals, :func:`softmax_watch_counterfactual`), or the Harmonic loss when ``options`` is set
+        (its terms under torchvision's key names, statistics recorded)."""
         if self.options is None:
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+            with torch.no_grad():
+                labels_cat, positive, *pieces = self._positive_pieces(
+                    box_regression, proposals, matched_idxs, labels, regression_targets, targets
+                )
+                self._record_stats(softmax_watch_counterfactual(class_logits[positive], labels_cat[positive], *pieces))
             return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         result = self.harmonic_loss(
             class_logits, box_regression, proposals, matched_idxs, labels, regression_targets, targets
@@ -132,6 +143,17 @@ class HarmonicRoIHeads(StatsMixin, RoIHeads):
         self, class_logits, box_regression, proposals, matched_idxs, labels, regression_targets, targets
     ) -> dict[str, Tensor]:
         """:func:`softmax_harmonic_loss` over the sampled RoIs, normalized by their number (as the host)."""
+        labels, _, box_loss, pred_boxes, gt_boxes = self._positive_pieces(
+            box_regression, proposals, matched_idxs, labels, regression_targets, targets
+        )
+        return softmax_harmonic_loss(
+            class_logits, labels, box_loss, pred_boxes, gt_boxes, normalizer=labels.numel(), options=self.options,
+        )
+
+    def _positive_pieces(self, box_regression, proposals, matched_idxs, labels, regression_targets, targets):
+        """The sampled RoIs' labels [A] (concatenated), the positives' indices [P], their smooth L1 (beta
+        1/9, summed over the 4 encoded coordinates of the ground-truth class) [P], decoded boxes [P, 4] and
+        matched ground-truth boxes [P, 4]."""
         labels = torch.cat(labels)
         regression_targets = torch.cat(regression_targets)
         gt_boxes = torch.cat([
@@ -139,14 +161,11 @@ class HarmonicRoIHeads(StatsMixin, RoIHeads):
             for t, m in zip(targets, matched_idxs)
         ])
         positive = torch.where(labels > 0)[0]
-        box_regression = box_regression.reshape(class_logits.shape[0], -1, 4)
+        box_regression = box_regression.reshape(labels.shape[0], -1, 4)
         regression = box_regression[positive, labels[positive]].float()
         box_loss = F.smooth_l1_loss(regression, regression_targets[positive], beta=1 / 9, reduction="none").sum(1)
         pred_boxes = self.box_coder.decode_single(regression, torch.cat(proposals)[positive])
-        return softmax_harmonic_loss(
-            class_logits, labels, box_loss, pred_boxes, gt_boxes[positive],
-            normalizer=labels.numel(), options=self.options,
-        )
+        return labels, positive, box_loss, pred_boxes, gt_boxes[positive]
 
     def detections(self, class_logits, box_regression, proposals, image_shapes) -> list[dict[str, Tensor]]:
         """torchvision's ``postprocess_detections`` (softmax, per-class boxes, score threshold, small-box

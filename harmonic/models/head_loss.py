@@ -10,6 +10,13 @@ loss keys (``classification``, ``bbox_regression``), so logs stay comparable wit
 softmax heads (Faster R-CNN's box head, SSD), :func:`dense_comparison_loss` the comparison losses on a
 sigmoid head. ``docs/head-loss.md`` explains the split, the normalizers and the choice of ``CE_i`` for a
 sigmoid head.
+
+Beside the losses, both Harmonic compositions return the watch statistics of their positives
+(:func:`harmonic.losses.watch_statistics`: percentiles of ``x = CE_i`` of the factor and ``y = L_loc_i``,
+the shares with ``dF/dx < 0`` (Eq. 8-9) and with Eq. 5's bracket below zero, the mean ``dF/dx``) and the
+detached per-positive ``x``, ``y`` and score under :data:`SAMPLE_KEYS`. A baseline head computes the same
+numbers as counterfactuals from its own pieces with :func:`dense_watch_counterfactual` /
+:func:`softmax_watch_counterfactual`.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ from harmonic.losses.harmonic import harmonic_factors
 from harmonic.losses.hiou import aligned_box_iou, harmonic_iou_loss
 from harmonic.losses.task_contrasting import FORMS as TC_FORMS
 from harmonic.losses.task_contrasting import class_entropy, task_contrasting_loss
+from harmonic.losses.watch import WATCH_KEYS, watch_statistics
 from harmonic.ops.focal import check_logits_and_classes, positive_rows, select_focal_loss
 
 __all__ = [
     "BETA_C_SOURCES",
+    "SAMPLE_KEYS",
     "STAT_KEYS",
     "TC_FORMS",
     "HarmonicOptions",
@@ -39,13 +48,19 @@ __all__ = [
     "COMPARISON_LOSSES",
     "ComparisonOptions",
     "dense_comparison_loss",
+    "dense_watch_counterfactual",
+    "softmax_watch_counterfactual",
     "split_losses_and_stats",
 ]
 
 BETA_C_SOURCES = ("loss", "gt_prob")
 COMPARISON_LOSSES = ("qfl", "varifocal", "iou_balanced")
-#: detached statistics returned beside the losses (never part of the total loss)
-STAT_KEYS = ("beta_r", "beta_c", "num_positives", "mean_iou")
+#: detached per-positive tensors [P] returned beside the losses: x (the factor's CE), y (L_loc) and the
+#: ground-truth class score, for the watch samples of a run (:func:`harmonic.models.get_samples`)
+SAMPLE_KEYS = ("samples/x", "samples/y", "samples/score")
+#: detached statistics returned beside the losses (never part of the total loss): 0-dim tensors, and the
+#: per-positive tensors of :data:`SAMPLE_KEYS`
+STAT_KEYS = ("beta_r", "beta_c", "num_positives", "mean_iou", *WATCH_KEYS, *SAMPLE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -262,6 +277,27 @@ def _compose(
     return out
 
 
+def _watch(
+    x: Tensor,
+    y: Tensor,
+    pred_boxes: Tensor,
+    target_boxes: Tensor,
+    score: Tensor,
+    *,
+    detach_factors: bool,
+    counterfactual: bool = False,
+) -> dict[str, Tensor]:
+    """The watch statistics (:func:`watch_statistics` on the decoded boxes' IoU) and the detached samples
+    (:data:`SAMPLE_KEYS`) of P positives; ``{}`` for P = 0. No host synchronization."""
+    if x.numel() == 0:
+        return {}
+    with torch.no_grad():
+        iou = aligned_box_iou(pred_boxes.detach(), target_boxes.detach())
+        out = watch_statistics(x, y, iou, score, detach_factors=detach_factors, counterfactual=counterfactual)
+        out.update(zip(SAMPLE_KEYS, (x.detach(), y.detach(), score.detach())))
+    return out
+
+
 def dense_harmonic_loss(
     cls_logits: Tensor,
     gt_classes: Tensor,
@@ -294,21 +330,24 @@ def dense_harmonic_loss(
         ``{"classification", "bbox_regression"[, "task_contrasting"]}`` (scalar losses; for no positives
         the box term is a graph-connected zero and the classification covers the negatives) and detached
         statistics ``"num_positives"`` and, when there is at least one positive, ``"beta_r"``,
-        ``"beta_c"``: the means of beta_r = exp(-L_loc) and beta_c over the positives.
+        ``"beta_c"``: the means of beta_r = exp(-L_loc) and beta_c over the positives, the watch
+        statistics (:data:`harmonic.losses.WATCH_KEYS`, x = the factor's CE, y = L_loc, score =
+        sigmoid of the ground-truth logit) and the samples of :data:`SAMPLE_KEYS`.
     """
     _check_options(options, HarmonicOptions)
     positive, normalizer, logits, loc = _harmonic_inputs(
         options, cls_logits, gt_classes, box_loss, pred_boxes, target_boxes, num_foreground, softmax=False
     )
     focal = select_focal_loss(options.fused, logits.device)(logits, gt_classes, focal_alpha, focal_gamma)
-    need_gt_logit = options.beta_c_source != "loss" or options.tc_weight > 0
-    gt_logit = logits[positive, gt_classes[positive]] if need_gt_logit else None
+    gt_logit = logits[positive, gt_classes[positive]]
     focal_pos = focal[positive]
     if options.beta_c_source == "loss":
         factor_cls = focal_pos  # CE_i := focal loss summed over classes [R]
     else:
         factor_cls = F.softplus(-gt_logit)  # -log sigmoid(x_gt), so beta_c = sigmoid(x_gt) [D]
     out = _compose(focal, positive, focal_pos, factor_cls, loc, normalizer, detach_factors=options.detach_factors)
+    out.update(_watch(factor_cls, loc, pred_boxes, target_boxes, torch.sigmoid(gt_logit.detach()),
+                      detach_factors=options.detach_factors))
     if options.tc_weight > 0:
         out["task_contrasting"] = _task_contrasting(
             torch.sigmoid(gt_logit), logits, positive, pred_boxes, target_boxes, normalizer, options, kind="sigmoid"
@@ -341,7 +380,8 @@ def softmax_harmonic_loss(
             a softmax CE, exp(-CE_i) = p_i (supplement Eq. 4 [S]), and there is no focal loss to fuse.
 
     Returns:
-        As :func:`dense_harmonic_loss`: CE_i = cross-entropy, beta_c = p_i, beta_r = exp(-L_loc_i).
+        As :func:`dense_harmonic_loss`: CE_i = cross-entropy, beta_c = p_i, beta_r = exp(-L_loc_i); the
+        watch statistics with x = CE_i and score = p_i.
     """
     _check_options(options, HarmonicOptions)
     positive, norm, logits, loc = _harmonic_inputs(
@@ -350,11 +390,94 @@ def softmax_harmonic_loss(
     ce = F.cross_entropy(logits, labels, reduction="none")
     ce_pos = ce[positive]
     out = _compose(ce, positive, ce_pos, ce_pos, loc, norm, detach_factors=options.detach_factors)
+    out.update(_watch(ce_pos, loc, pred_boxes, target_boxes, torch.exp(-ce_pos.detach()),
+                      detach_factors=options.detach_factors))
     if options.tc_weight > 0:
         out["task_contrasting"] = _task_contrasting(
             torch.exp(-ce_pos), logits, positive, pred_boxes, target_boxes, norm, options, kind="softmax"
         )  # exp(-CE_i) = p_i of the ground-truth class
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# counterfactual watch statistics of a baseline head
+# ----------------------------------------------------------------------------------------------------
+def _check_positive_logits(pos_logits: object, pos_classes: object) -> None:
+    """Shapes only (the values are the host's own, already used by its loss; no host synchronization)."""
+    if not isinstance(pos_logits, Tensor) or pos_logits.dim() != 2 or not pos_logits.is_floating_point():
+        raise ValueError("pos_logits must be a floating-point tensor [P, K]")
+    if not isinstance(pos_classes, Tensor) or pos_classes.dtype != torch.int64 or pos_classes.shape != pos_logits.shape[:1]:
+        raise ValueError(f"pos_classes must be an int64 tensor [P] = [{pos_logits.shape[0]}]")
+
+
+def dense_watch_counterfactual(
+    pos_logits: Tensor,
+    pos_classes: Tensor,
+    box_loss: Tensor,
+    pred_boxes: Tensor,
+    target_boxes: Tensor,
+    *,
+    options: HarmonicOptions = HarmonicOptions(),  # noqa: B008 (frozen dataclass, safe as a default)
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+) -> dict[str, Tensor]:
+    """The watch statistics a baseline sigmoid focal head would have under the Harmonic loss [D].
+
+    From the baseline's own pieces of its P positives, detached, without another forward pass:
+    ``x`` = the anchor's focal loss summed over the K classes (``options.beta_c_source == "loss"``) or
+    ``-log sigmoid(x_gt)`` (``"gt_prob"``), ``y`` = :func:`localization_loss` with ``options`` (by default
+    the host's box loss + 1.5 L_HIoU(gamma 0.8): the Harmonic + HIoU variant of the default study), the
+    factors differentiated unless ``options.detach_factors``. ``watch/counterfactual`` is 1.
+
+    Args:
+        pos_logits: [P, K] the positives' logits; ``pos_classes``: [P] their classes 0..K-1.
+        box_loss, pred_boxes, target_boxes: as :func:`dense_harmonic_loss`, for the same P positives.
+
+    Returns:
+        As :func:`watch_statistics` plus :data:`SAMPLE_KEYS`; ``{}`` for P = 0.
+    """
+    _check_options(options, HarmonicOptions)
+    _check_positive_logits(pos_logits, pos_classes)
+    _check_positive_pieces(pos_classes.numel(), box_loss, pred_boxes, target_boxes)
+    with torch.no_grad():
+        logits = _upcast(pos_logits.detach())
+        gt_logit = logits.gather(1, pos_classes[:, None]).squeeze(1)
+        if options.beta_c_source == "loss":
+            x = select_focal_loss(False, logits.device)(logits, pos_classes, focal_alpha, focal_gamma)
+        else:
+            x = F.softplus(-gt_logit)
+        y = localization_loss(
+            box_loss.detach(), pred_boxes.detach(), target_boxes.detach(),
+            hiou=options.hiou, hiou_weight=options.hiou_weight, hiou_gamma=options.hiou_gamma,
+        )
+        return _watch(x, y, pred_boxes, target_boxes, torch.sigmoid(gt_logit),
+                      detach_factors=options.detach_factors, counterfactual=True)
+
+
+def softmax_watch_counterfactual(
+    pos_logits: Tensor,
+    pos_labels: Tensor,
+    box_loss: Tensor,
+    pred_boxes: Tensor,
+    target_boxes: Tensor,
+    *,
+    options: HarmonicOptions = HarmonicOptions(),  # noqa: B008 (frozen dataclass, safe as a default)
+) -> dict[str, Tensor]:
+    """The watch statistics a baseline softmax head would have under the Harmonic loss [D]: ``x`` = the
+    positives' cross-entropy (so the score is ``p_i = e^-x``, Eq. 4), ``y`` as in
+    :func:`dense_watch_counterfactual`. ``pos_logits`` [P, C + 1] (column 0 the background),
+    ``pos_labels`` [P] in 1..C."""
+    _check_options(options, HarmonicOptions)
+    _check_positive_logits(pos_logits, pos_labels)
+    _check_positive_pieces(pos_labels.numel(), box_loss, pred_boxes, target_boxes)
+    with torch.no_grad():
+        x = F.cross_entropy(_upcast(pos_logits.detach()), pos_labels, reduction="none")
+        y = localization_loss(
+            box_loss.detach(), pred_boxes.detach(), target_boxes.detach(),
+            hiou=options.hiou, hiou_weight=options.hiou_weight, hiou_gamma=options.hiou_gamma,
+        )
+        return _watch(x, y, pred_boxes, target_boxes, torch.exp(-x),
+                      detach_factors=options.detach_factors, counterfactual=True)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -74,7 +74,12 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import boxes as box_ops
 
 from harmonic.models.common import HarmonicTransform, ImageCandidates, StatsMixin
-from harmonic.models.head_loss import HarmonicOptions, softmax_harmonic_loss, split_losses_and_stats
+from harmonic.models.head_loss import (
+    HarmonicOptions,
+    softmax_harmonic_loss,
+    softmax_watch_counterfactual,
+    split_losses_and_stats,
+)
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -371,7 +376,8 @@ class HarmonicRefineDet(StatsMixin, nn.Module):
     def compute_loss(
         self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: Tensor
     ) -> dict[str, Tensor]:
-        """Both modules' losses (the module docstring's Eq. 1), baseline or Harmonic."""
+        """Both modules' losses (the module docstring's Eq. 1), baseline or Harmonic; the ODM's statistics
+        recorded (the baseline's as counterfactuals, :func:`softmax_watch_counterfactual`)."""
         pieces = self.loss_pieces(targets, head_outputs, anchors)
         losses: dict[str, Tensor] = {}
         for name, logits_key, prefix in (("arm", "arm_cls_logits", "arm_"), ("odm", "cls_logits", "")):
@@ -392,6 +398,12 @@ class HarmonicRefineDet(StatsMixin, nn.Module):
                     "classification": F.cross_entropy(logits.float(), labels, reduction="sum") / normalizer,
                     "bbox_regression": module["box_loss"].sum() / normalizer,
                 }
+                if name == "odm" and self.options is None:  # the baseline's watch statistics [D]
+                    positive = labels > 0
+                    self._record_stats(softmax_watch_counterfactual(
+                        logits[positive].detach(), labels[positive], module["box_loss"], module["pred_boxes"],
+                        module["target_boxes"],
+                    ))
             losses.update({prefix + key: value for key, value in result.items()})
         return losses
 

@@ -40,6 +40,7 @@ from harmonic.models.head_loss import (
     HarmonicOptions,
     dense_comparison_loss,
     dense_harmonic_loss,
+    dense_watch_counterfactual,
     split_losses_and_stats,
 )
 
@@ -53,8 +54,9 @@ def shift_labels(targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
 
 class HarmonicRetinaNetHead(StatsMixin, RetinaNetHead):
     """torchvision's ``RetinaNetHead`` whose ``compute_loss`` is the Harmonic loss when ``options`` is set,
-    a comparison loss when ``comparison`` is set, and torchvision's own otherwise. Crowd regions:
-    negatives inside them are ignored [D]."""
+    a comparison loss when ``comparison`` is set, and torchvision's own otherwise (recording the watch
+    statistics as counterfactuals, :meth:`watch_counterfactual`). Crowd regions: negatives inside them are
+    ignored [D]."""
 
     def __init__(self, in_channels, num_anchors, num_classes, *, options: HarmonicOptions | None = None,
                  comparison: ComparisonOptions | None = None, crowd_iof_thresh: float = 0.5,
@@ -76,27 +78,49 @@ class HarmonicRetinaNetHead(StatsMixin, RetinaNetHead):
         elif self.options is not None:
             result = self.harmonic_loss(targets, head_outputs, anchors, matched_idxs)
         else:
-            return super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+            losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+            self._record_stats(self.watch_counterfactual(targets, head_outputs, anchors, matched_idxs))
+            return losses
         losses, stats = split_losses_and_stats(result)
         self._record_stats(stats)
         return losses
 
+    def _positive_pieces(self, target, regression, anchors_i, matched):
+        """One image's positives: (their indices [P], classes [P] in 0..K-1, L1 box loss [P] on the encoded
+        offsets summed over the 4 coordinates, decoded boxes [P, 4], matched gt boxes [P, 4])."""
+        box_coder = self.regression_head.box_coder
+        foreground = torch.where(matched >= 0)[0]
+        gt_boxes = target["boxes"][matched[foreground]]
+        reg, anc = regression[foreground].float(), anchors_i[foreground]
+        box_loss = F.l1_loss(reg, box_coder.encode_single(gt_boxes, anc), reduction="none").sum(1)
+        return foreground, target["labels"][matched[foreground]], box_loss, box_coder.decode_single(reg, anc), gt_boxes
+
     def _image_pieces(self, targets, head_outputs, anchors, matched_idxs):
         """Per image: (valid logits [A, K], classes [A] (-1 negative), L1 box loss [P], decoded boxes
         [P, 4], matched gt boxes [P, 4], number of foreground anchors), as torchvision's loss sees them."""
-        box_coder = self.regression_head.box_coder
         ignored = self.classification_head.BETWEEN_THRESHOLDS
         for target, logits, regression, anchors_i, matched in zip(
             targets, head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, matched_idxs
         ):
             valid = matched != ignored
-            foreground = torch.where(matched >= 0)[0]
+            foreground, fg_classes, box_loss, pred, gt_boxes = self._positive_pieces(target, regression, anchors_i, matched)
             classes = torch.full_like(matched, -1)
-            gt_boxes = target["boxes"][matched[foreground]]
-            classes[foreground] = target["labels"][matched[foreground]]
-            reg, anc = regression[foreground].float(), anchors_i[foreground]
-            box_loss = F.l1_loss(reg, box_coder.encode_single(gt_boxes, anc), reduction="none").sum(1)
-            yield logits[valid], classes[valid], box_loss, box_coder.decode_single(reg, anc), gt_boxes, foreground.numel()
+            classes[foreground] = fg_classes
+            yield logits[valid], classes[valid], box_loss, pred, gt_boxes, foreground.numel()
+
+    def watch_counterfactual(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
+        """The baseline's watch statistics as counterfactuals [D]: :func:`dense_watch_counterfactual` on
+        the positives' logits, L1 box loss and decoded boxes of the whole batch (detached; x = the focal
+        loss summed over classes, y = L1 + 1.5 L_HIoU, the default Harmonic + HIoU options)."""
+        columns: list[list[Tensor]] = [[], [], [], [], []]
+        with torch.no_grad():
+            for target, logits, regression, anchors_i, matched in zip(
+                targets, head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, matched_idxs
+            ):
+                foreground, *pieces = self._positive_pieces(target, regression, anchors_i, matched)
+                for column, piece in zip(columns, [logits[foreground], *pieces]):
+                    column.append(piece)
+            return dense_watch_counterfactual(*(torch.cat(column) for column in columns))
 
     def harmonic_loss(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
         """Batched :func:`dense_harmonic_loss` with torchvision's per-image normalization.

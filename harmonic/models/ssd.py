@@ -21,7 +21,12 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.ops import boxes as box_ops
 
 from harmonic.models.common import HarmonicTransform, ImageCandidates, StatsMixin, float32_losses
-from harmonic.models.head_loss import HarmonicOptions, softmax_harmonic_loss, split_losses_and_stats
+from harmonic.models.head_loss import (
+    HarmonicOptions,
+    softmax_harmonic_loss,
+    softmax_watch_counterfactual,
+    split_losses_and_stats,
+)
 
 __all__ = ["HarmonicSSD"]
 
@@ -42,7 +47,14 @@ class HarmonicSSD(StatsMixin, SSD):
     @float32_losses
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         if self.options is None:
-            return super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+            losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+            with torch.no_grad():  # the baseline's watch statistics, as counterfactuals [D]
+                box_loss, pred_boxes, gt_boxes, cls_targets = self._positive_pieces(targets, head_outputs, anchors, matched_idxs)
+                foreground = cls_targets > 0
+                self._record_stats(softmax_watch_counterfactual(
+                    head_outputs["cls_logits"][foreground], cls_targets[foreground], box_loss, pred_boxes, gt_boxes,
+                ))
+            return losses
         losses, stats = split_losses_and_stats(self.harmonic_loss(targets, head_outputs, anchors, matched_idxs))
         self._record_stats(stats)
         return losses
@@ -51,19 +63,7 @@ class HarmonicSSD(StatsMixin, SSD):
         """torchvision's matching and hard-negative mining, then :func:`softmax_harmonic_loss` on the
         positives and mined negatives of the whole batch, normalized by max(1, number of positives)."""
         cls_logits = head_outputs["cls_logits"]
-        box_losses, pred_boxes, gt_boxes, cls_targets = [], [], [], []
-        for target, regression, anchors_i, matched in zip(targets, head_outputs["bbox_regression"], anchors, matched_idxs):
-            foreground = torch.where(matched >= 0)[0]
-            matched_fg = matched[foreground]
-            gt = target["boxes"][matched_fg]
-            reg, anc = regression[foreground].float(), anchors_i[foreground]
-            box_losses.append(F.smooth_l1_loss(reg, self.box_coder.encode_single(gt, anc), reduction="none").sum(1))
-            pred_boxes.append(self.box_coder.decode_single(reg, anc))
-            gt_boxes.append(gt)
-            classes = torch.zeros(cls_logits.shape[1], dtype=target["labels"].dtype, device=target["labels"].device)
-            classes[foreground] = target["labels"][matched_fg]
-            cls_targets.append(classes)
-        cls_targets = torch.stack(cls_targets)
+        box_loss, pred_boxes, gt_boxes, cls_targets = self._positive_pieces(targets, head_outputs, anchors, matched_idxs)
         num_classes = cls_logits.size(-1)
 
         # hard negative mining, exactly as torchvision
@@ -79,9 +79,28 @@ class HarmonicSSD(StatsMixin, SSD):
         selected = foreground | background
 
         return softmax_harmonic_loss(
-            cls_logits[selected], cls_targets[selected], torch.cat(box_losses), torch.cat(pred_boxes),
-            torch.cat(gt_boxes), normalizer=int(foreground.sum()), options=self.options,
+            cls_logits[selected], cls_targets[selected], box_loss, pred_boxes, gt_boxes,
+            normalizer=int(foreground.sum()), options=self.options,
         )
+
+    def _positive_pieces(self, targets, head_outputs, anchors, matched_idxs):
+        """The batch's positives, image by image in anchor order: smooth L1 (beta 1, summed over the 4
+        encoded coordinates) [P], decoded boxes [P, 4], matched gt boxes [P, 4]; and the class targets
+        [N, A] (0 the background)."""
+        cls_logits = head_outputs["cls_logits"]
+        box_losses, pred_boxes, gt_boxes, cls_targets = [], [], [], []
+        for target, regression, anchors_i, matched in zip(targets, head_outputs["bbox_regression"], anchors, matched_idxs):
+            foreground = torch.where(matched >= 0)[0]
+            matched_fg = matched[foreground]
+            gt = target["boxes"][matched_fg]
+            reg, anc = regression[foreground].float(), anchors_i[foreground]
+            box_losses.append(F.smooth_l1_loss(reg, self.box_coder.encode_single(gt, anc), reduction="none").sum(1))
+            pred_boxes.append(self.box_coder.decode_single(reg, anc))
+            gt_boxes.append(gt)
+            classes = torch.zeros(cls_logits.shape[1], dtype=target["labels"].dtype, device=target["labels"].device)
+            classes[foreground] = target["labels"][matched_fg]
+            cls_targets.append(classes)
+        return torch.cat(box_losses), torch.cat(pred_boxes), torch.cat(gt_boxes), torch.stack(cls_targets)
 
     def postprocess_detections(self, head_outputs, image_anchors, image_shapes):
         """torchvision's SSD post-processing (softmax, decode, clip, per-class threshold and top-k, NMS),

@@ -61,6 +61,9 @@ __all__ = [
     "bracket",
     "bracket_root",
     "bracket_root_expr",
+    "X_DEFINITIONS",
+    "focal_target_loss",
+    "reversal_score",
     "sympy_checks",
     "autograd_checks",
     "checks",
@@ -205,6 +208,59 @@ def bracket_root(L):
         w = lambertw(np.exp(arr - a), 0).real
         root = np.exp(-(a + w))
     root = np.where(np.isposinf(arr), 0.0, root)
+    return float(root) if root.ndim == 0 else root
+
+
+#: what ``x`` of Eq. 7 is, as a function of the ground-truth class score ``p``: the cross-entropy
+#: ``-log p`` (Eq. 4) or the focal loss of the target entry (a sigmoid focal head's CE_i [R])
+X_DEFINITIONS = ("ce", "focal")
+
+
+def focal_target_loss(p, alpha: float = 0.25, gamma: float = 2.0):
+    """The focal loss of a positive's target entry, ``-alpha (1 - p)^gamma log p`` (numpy), decreasing in
+    ``p`` on (0, 1) for ``alpha > 0``, ``gamma >= 0``."""
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return -alpha * (1.0 - p) ** gamma * np.log(p)
+
+
+def reversal_score(y, definition: str = "ce", *, alpha: float = 0.25, gamma: float = 2.0):
+    """[D] ``p*(y)``: with ``x = x(p)`` (``definition``), Eq. 8's ``dF/dx = 1 + e^-y - y e^-x`` is
+    negative exactly for scores ``p > p*(y)`` (the classification gradient pushes the score down).
+
+    By Eq. 9 [S], ``dF/dx < 0`` iff ``x < c(y) = ln y - ln(1 + e^-y)``; ``x(p)`` decreases from +inf to 0
+    on (0, 1), so iff ``p > p*(y)`` with ``x(p*) = c(y)``. ``c(y) > 0`` only for
+    ``y > 1 + W(1/e) ~ 1.2785`` (:data:`harmonic.losses.Y_REVERSAL`); for smaller ``y`` no score reverses and ``p*(y) = 1``.
+
+    * ``"ce"``: ``x = -log p`` (Eq. 4), so ``p*(y) = (1 + e^-y) / y`` (capped at 1).
+    * ``"focal"``: ``x = -alpha (1 - p)^gamma log p``, solved by bisection on ``log p`` (float64, to
+      ~1e-15 relative).
+
+    Args:
+        y: the localization loss(es), ``y >= 0`` (float or array).
+        definition: one of :data:`X_DEFINITIONS`.
+        alpha, gamma: the focal parameters (RetinaNet's 0.25 and 2).
+
+    Returns:
+        ``p*(y)`` in (0, 1], a float for scalar input, else an array of ``y``'s shape.
+    """
+    if definition not in X_DEFINITIONS:
+        raise ValueError(f"definition must be one of {X_DEFINITIONS}, got {definition!r}")
+    arr = np.asarray(y, dtype=np.float64)
+    if np.isnan(arr).any() or (arr < 0).any():
+        raise ValueError("reversal_score: y must be >= 0 and not NaN")
+    with np.errstate(divide="ignore", over="ignore"):
+        ratio = (1.0 + np.exp(-arr)) / arr  # e^-c(y); inf at y = 0
+    if definition == "ce":
+        root = np.minimum(ratio, 1.0)
+    else:
+        c = -np.log(np.minimum(ratio, 1.0))  # c(y) >= 0; 0 where no score reverses
+        low, high = np.full(arr.shape, -745.0), np.zeros(arr.shape)  # log p brackets: x(e^low) > c >= x(1) = 0
+        for _ in range(200):
+            mid = 0.5 * (low + high)
+            above = focal_target_loss(np.exp(mid), alpha, gamma) > c  # x(p) > c: p below the root
+            low, high = np.where(above, mid, low), np.where(above, high, mid)
+        root = np.where(c > 0, np.exp(0.5 * (low + high)), 1.0)
     return float(root) if root.ndim == 0 else root
 
 

@@ -153,6 +153,25 @@ def test_run_folder_content(straight_run):
     assert names == ["final.pt", "iter_0000002.pt", "iter_0000004.pt", "last.pt"]  # no temporary files left
 
 
+def test_log_records_the_watch_statistics_and_the_samples(straight_run):
+    """The baseline run logs the Harmonic loss's x and y as counterfactuals every iteration with positives,
+    and writes the positives' (x, y, score) at iterations ceil(k * 4 / 3) = 2, 3, 4."""
+    from harmonic.engine import read_samples
+    from harmonic.losses import WATCH_KEYS
+
+    watched = [r for r in read_log(straight_run) if "watch/reversed_share" in r]
+    assert watched
+    for record in watched:
+        assert set(WATCH_KEYS) <= set(record) and record["watch/counterfactual"] == 1.0
+        assert "beta_r" not in record  # no harmonic factors in a baseline run
+        assert 0.0 <= record["watch/reversed_share"] <= record["watch/y_over_threshold_share"] <= 1.0
+        assert record["watch/x_p10"] <= record["watch/x_p50"] <= record["watch/x_p90"]
+    samples = read_samples(straight_run)
+    assert samples["definition"] == "focal" and [s["iter"] for s in samples["snapshots"]] == [2, 3, 4]
+    for snap in samples["snapshots"]:
+        assert 0 < len(snap["y"]) == len(snap["score"]) == len(snap["x"]) <= min(512, snap["num_positives"])
+
+
 def test_checkpoint_loads_with_weights_only(straight_run):
     raw = torch.load(straight_run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert raw["format"] == engine.CHECKPOINT_FORMAT and raw["iteration"] == ITERS and raw["world_size"] == 1

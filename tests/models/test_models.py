@@ -18,8 +18,15 @@ from torchvision.models.detection.ssd import SSD, SSDHead
 from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from harmonic.losses import harmonic_iou_loss, harmonic_loss
-from harmonic.models import CANDIDATE_KEYS, DetectorConfig, build_detector, get_stats, set_record_candidates
+from harmonic.losses import WATCH_KEYS, harmonic_iou_loss, harmonic_loss
+from harmonic.models import (
+    CANDIDATE_KEYS,
+    DetectorConfig,
+    build_detector,
+    get_samples,
+    get_stats,
+    set_record_candidates,
+)
 from harmonic.models.backbones import default_anchor_sizes, level_strides
 from harmonic.models.common import HarmonicTransform, ignore_crowd_anchors
 
@@ -190,7 +197,28 @@ def test_harmonic_losses_sit_between_baseline_and_twice_baseline(arch):
         assert base[key] < harm[key] <= 2 * base[key] + 1e-6, key
     stats = get_stats(harm_model)
     assert 0 < stats["beta_r"] <= 1 and 0 < stats["beta_c"] <= 1
-    assert get_stats(build(tiny(arch))) == {}
+    assert set(WATCH_KEYS) <= set(stats) and stats["watch/counterfactual"] == 0.0
+    baseline = build(tiny(arch))
+    train_losses(baseline, images, targets)
+    if arch == "fcos":  # torchvision's own FCOS loss: nothing recorded
+        assert get_stats(baseline) == {} and get_samples(baseline) == {}
+    else:  # the baseline's counterfactual watch statistics, and no harmonic factors
+        assert sorted(get_stats(baseline)) == sorted(WATCH_KEYS) and get_stats(baseline)["watch/counterfactual"] == 1.0
+        assert sorted(get_samples(baseline)) == ["score", "x", "y"]
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn", "ssd"])
+def test_baseline_counterfactual_equals_the_harmonic_statistics_of_the_same_weights(arch):
+    """Same seed, same weights: the baseline's counterfactual x and y are the ones the Harmonic + HIoU loss
+    uses, so every watch statistic but the flag agrees."""
+    images, targets = batch()
+    stats = {}
+    for loss in ("baseline", "harmonic"):
+        model = build(tiny(arch, loss=loss))
+        train_losses(model, images, targets)
+        stats[loss] = get_stats(model)
+    for key in WATCH_KEYS[:-1]:
+        assert stats["baseline"][key] == pytest.approx(stats["harmonic"][key], rel=1e-5, abs=1e-6), key
 
 
 def test_detach_factors_changes_gradients_not_values():

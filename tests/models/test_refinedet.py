@@ -163,7 +163,9 @@ def test_baseline_loss_equals_the_hand_computed_closed_form():
     assert losses.keys() == expected.keys()
     for key, value in expected.items():
         assert losses[key].item() == pytest.approx(value, rel=1e-6), key
-    assert get_stats(model) == {}
+    stats = get_stats(model)  # the ODM positive's counterfactual: x = CE = ln 4, score 1/4
+    assert "beta_r" not in stats and stats["watch/counterfactual"] == 1.0
+    assert stats["watch/x_p50"] == pytest.approx(LN(4)) and stats["watch/score_p90"] == pytest.approx(0.25)
 
 
 def test_harmonic_loss_on_the_hand_case_without_hiou():
@@ -177,7 +179,15 @@ def test_harmonic_loss_on_the_hand_case_without_hiou():
     assert losses["bbox_regression"].item() == pytest.approx(1.25 * 1.5, rel=1e-6)
     assert losses["arm_classification"].item() == pytest.approx(LN(2) + LN(4) + LN(2) + LN(4 / 3), rel=1e-6)
     assert losses["arm_bbox_regression"].item() == pytest.approx(1.5, rel=1e-6)
-    assert get_stats(model) == pytest.approx({"num_positives": 1.0, "beta_r": math.exp(-1.5), "beta_c": 0.25})
+    stats = get_stats(model)
+    assert {k: stats[k] for k in ("num_positives", "beta_r", "beta_c")} == pytest.approx(
+        {"num_positives": 1.0, "beta_r": math.exp(-1.5), "beta_c": 0.25}
+    )
+    # watch [D]: y = 1.5 > 1.2785; dF/dx = 1 + e^-1.5 - 1.5 / 4 = 0.848130 > 0 (Eq. 8);
+    # B = 1 + 1/4 - ln 4 e^-1.5 = 0.940676 > 0 (Eq. 5)
+    assert stats["watch/y_over_threshold_share"] == 1.0 and stats["watch/y_p10"] == pytest.approx(1.5)
+    assert stats["watch/reversed_share"] == 0.0 and stats["watch/box_pushed_away_share"] == 0.0
+    assert stats["watch/cls_multiplier"] == pytest.approx(0.848130, abs=1e-6)
 
     both = build(loss="harmonic", hiou=False, refinedet_harmonic_arm=True)
     arm = both.compute_loss(TARGETS, hand_outputs(), ANCHORS)
