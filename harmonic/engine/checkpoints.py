@@ -21,13 +21,15 @@ CHECKPOINT_FORMAT = "harmonic.checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The torch (and, on CUDA, the device's) random-number state, for a checkpoint."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     state["cuda"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return state
 
 
-def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    """Restore a state saved by :func:`rng_state`."""
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
@@ -85,7 +87,7 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def _truncate_log(path: Path, iteration: int) -> None:
+def truncate_log(path: Path, iteration: int) -> None:
     """Keep the records of iterations ``<= iteration`` (a resumed run re-logs the ones after it)."""
     if not path.is_file():
         return
@@ -93,5 +95,6 @@ def _truncate_log(path: Path, iteration: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
 
 
-def _json_float(value: float) -> float | None:
+def json_float(value: float) -> float | None:
+    """``value``, or None where it is not finite (JSON has no NaN)."""
     return value if math.isfinite(value) else None

@@ -20,11 +20,11 @@ from harmonic.data import build_dataset, collate_fn, targets_to
 from harmonic.engine.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    _json_float,
-    _rng_state,
-    _set_rng_state,
-    _truncate_log,
+    json_float,
     load_checkpoint,
+    rng_state,
+    set_rng_state,
+    truncate_log,
 )
 from harmonic.engine.config import RESUMABLE_CHANGES, TrainConfig, lr_at
 from harmonic.engine.distributed import Context, all_reduce_mean, gather, setup_context
@@ -216,7 +216,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
         if precision.scaler and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         rng = checkpoint["rng"]
-        _set_rng_state({"torch": rng["torch"][ctx.rank], "cuda": rng["cuda"][ctx.rank]}, device)
+        set_rng_state({"torch": rng["torch"][ctx.rank], "cuda": rng["cuda"][ctx.rank]}, device)
         start = checkpoint["iteration"]
     model.train()
     net: nn.Module = model
@@ -241,13 +241,13 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
             "provenance": provenance(cfg.to_dict(), seed=cfg.seed, device=str(device),
                                      device_details={**backend_record(device), **precision.describe()}),
         })
-        _truncate_log(log_path, start)
+        truncate_log(log_path, start)
         truncate_samples(run_dir, start)
     watch_iters = set(sample_iterations(total))
     definition = x_definition(detector_cfg.arch, detector_cfg.beta_c_source)
 
     def checkpoint_state(iteration: int, *, final: bool) -> dict[str, Any] | None:
-        rng = gather(_rng_state(device), ctx)  # a collective: every process takes part
+        rng = gather(rng_state(device), ctx)  # a collective: every process takes part
         if not ctx.is_main:
             return None
         state = {
@@ -371,7 +371,7 @@ def train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, c
     scaler.update()
     record: dict[str, Any] = {"iter": iteration, "epoch": epoch, "lr": lr, "loss": terms["loss"]}
     record.update({f"loss/{k}": terms[k] for k in names})
-    record["grad_norm"] = _json_float(grad_norm)
+    record["grad_norm"] = json_float(grad_norm)
     stats = get_stats(model)
     for key, value in stats.items():
         if (key in ("beta_r", "beta_c", "num_positives") or key.startswith("watch/")) and math.isfinite(value):
