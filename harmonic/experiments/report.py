@@ -114,15 +114,47 @@ def paired_differences(
                 [a.metrics[m] - b.metrics[m] for a, b in pairs if a.metrics.get(m) is not None and b.metrics.get(m) is not None],
                 dtype=float,
             )
-            entry: dict[str, float | int | None] = {"mean": None, "low": None, "high": None, "n": int(diffs.size)}
+            entry: dict[str, float | int | None] = {"mean": None, "low": None, "high": None, "n": int(diffs.size),
+                                                    "sd": None, "mde": None}
             if diffs.size:
                 entry["mean"] = float(diffs.mean())
             if diffs.size > 1:
-                sem = diffs.std(ddof=1) / math.sqrt(diffs.size)
+                entry["sd"] = float(diffs.std(ddof=1))
+                sem = entry["sd"] / math.sqrt(diffs.size)
                 half = float(stats.t.ppf(0.5 + confidence / 2, diffs.size - 1) * sem)
                 entry["low"], entry["high"] = entry["mean"] - half, entry["mean"] + half
+                entry["mde"] = minimum_detectable_effect(entry["sd"], int(diffs.size), confidence=confidence)
             out[variant][m] = entry
     return out
+
+
+def minimum_detectable_effect(sd: float, n: int, *, confidence: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired t-test on ``n`` pairs detects with probability
+    ``power`` at level ``1 - confidence``, when the paired differences have standard deviation ``sd``:
+    ``(t_{1 - alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n)`` (the usual t approximation)."""
+    if n < 2:
+        raise ValueError(f"n must be at least 2 pairs, got {n}")
+    df = n - 1
+    return float((stats.t.ppf(0.5 + confidence / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(n))
+
+
+def markdown_power(diffs, variant: str, metric: str = "AP", baseline: str = "baseline") -> str:
+    """One sentence: the spread of the paired differences of ``metric`` and the smallest effect the
+    comparison can detect at its number of pairs (power 0.8, 95%), from the numbers."""
+    e = diffs.get(variant, {}).get(metric)
+    if not e or e.get("mde") is None:
+        return f"- Too few pairs of `{variant}` and `{baseline}` to estimate the smallest detectable {METRICS[metric][2]} effect."
+    scale, digits = _scale(metric)
+    return (f"- Minimum detectable effect [D]: with {e['n']} paired seeds and a seed-to-seed sd of the paired "
+            f"{METRICS[metric][2]} differences of {e['sd'] * scale:.{digits}f}, this comparison detects a true "
+            f"difference of {e['mde'] * scale:.{digits}f} {METRICS[metric][2]} with power 0.8 at the 95% level; "
+            "smaller effects, such as the paper's reported gains, can go unseen.")
+
+
+def markdown_paired(diffs, variant: str, baseline: str = "baseline") -> str:
+    """The paired differences table (:func:`markdown_differences`) and, for ``variant``, the smallest AP
+    effect the comparison can detect (:func:`markdown_power`)."""
+    return markdown_differences(diffs, baseline=baseline) + "\n\n" + markdown_power(diffs, variant, "AP", baseline)
 
 
 def _variant_order(runs: list[Run]):
@@ -306,7 +338,7 @@ def report_markdown(runs: list[Run], summary, diffs, *, baseline: str = "baselin
         "",
         f"### Paired difference to `{baseline}` (same seed), with 95% t-interval [D]",
         "",
-        markdown_differences(diffs, baseline=baseline),
+        markdown_paired(diffs, main_variant, baseline),
         "",
         "### What the data says",
         "",

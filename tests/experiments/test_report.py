@@ -14,6 +14,7 @@ from harmonic.experiments.report import (
     load_runs,
     load_sweep_runs,
     markdown_differences,
+    markdown_paired,
     markdown_paper,
     markdown_runs,
     markdown_setting,
@@ -229,7 +230,7 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
     # the steps of the notebook, computed separately, are the report's sections, in order
     runs = load_sweep_runs(tmp_path, ["s"])
     summary, diffs = summarize(runs), paired_differences(runs)
-    steps = [markdown_summary(summary), markdown_differences(diffs), markdown_verdict(diffs, "harmonic_hiou"),
+    steps = [markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"), markdown_verdict(diffs, "harmonic_hiou"),
              markdown_paper(summary, diffs, "baseline", "harmonic_hiou"), markdown_setting(runs)]
     md = out["markdown"]
     assert md == report_markdown(runs, summary, diffs)
@@ -286,7 +287,7 @@ def test_results_notebook_displays_the_steps_and_writes_the_report(tmp_path):
              if "text/markdown" in o.get("data", {})]
     runs = load_sweep_runs(tmp_path, ["s"])
     summary, diffs = summarize(runs), paired_differences(runs)
-    assert shown == [markdown_runs(runs), markdown_summary(summary), markdown_differences(diffs),
+    assert shown == [markdown_runs(runs), markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"),
                      markdown_verdict(diffs, "harmonic_hiou"), markdown_paper(summary, diffs, "baseline", "harmonic_hiou"),
                      markdown_setting(runs)]
     assert "+4.0 [" in shown[2] and "raises AP by 4.0" in shown[3]
@@ -294,3 +295,23 @@ def test_results_notebook_displays_the_steps_and_writes_the_report(tmp_path):
     assert len(images) == 1  # score vs IoU, baseline and main variant side by side
     assert (tmp_path / "report.md").read_text() == report_markdown(runs, summary, diffs) + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["executed", "figures", "report.json", "report.md", "runs"]
+
+
+def test_minimum_detectable_effect_matches_the_t_formula():
+    from scipy import stats as st
+
+    from harmonic.experiments.report import markdown_power, minimum_detectable_effect
+
+    # n = 3 pairs, sd 0.9: (t_.975,2 + t_.8,2) * 0.9 / sqrt(3) = (4.3027 + 1.0607) * 0.5196 = 2.787
+    assert minimum_detectable_effect(0.9, 3) == pytest.approx((4.302653 + 1.060660) * 0.9 / 3 ** 0.5, rel=1e-5)
+    assert minimum_detectable_effect(0.9, 3) == pytest.approx(2.787, abs=1e-3)
+    # more pairs, smaller effect; n = 4, sd 0.5 gives about 1.0
+    assert minimum_detectable_effect(0.5, 4) == pytest.approx(
+        (st.t.ppf(0.975, 3) + st.t.ppf(0.8, 3)) * 0.25, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        minimum_detectable_effect(1.0, 1)
+    diffs = {"h": {"AP": {"mean": 0.01, "low": -0.01, "high": 0.03, "n": 3, "sd": 0.009,
+                          "mde": minimum_detectable_effect(0.009, 3)}}}
+    text = markdown_power(diffs, "h")
+    assert "3 paired seeds" in text and "0.9" in text and "2.8 AP" in text
+    assert "Too few pairs" in markdown_power({"h": {"AP": {"n": 1, "mde": None}}}, "h")
