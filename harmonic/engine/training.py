@@ -91,6 +91,14 @@ def _deterministic(enabled: bool, device: torch.device):
         torch.backends.cudnn.benchmark = previous_benchmark
 
 
+def _legacy_precision(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The precision of a checkpoint written before checkpoints recorded it: float16 autocast with a
+    gradient scaler where its scaler state shows one was enabled, float32 otherwise; never channels_last."""
+    scaler = checkpoint.get("scaler") or {}
+    half = bool(scaler) and "scale" in scaler
+    return {"autocast_dtype": "float16" if half else "float32", "grad_scaler": half, "channels_last": False}
+
+
 def _existing_run(run_dir: Path) -> bool:
     log = run_dir / "log.jsonl"
     return (run_dir / "checkpoints" / "last.pt").is_file() or (log.is_file() and log.stat().st_size > 0)
@@ -235,7 +243,17 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
         "global_batch_size": cfg.batch_size * ctx.world_size, "iters_per_epoch": per_epoch, "total_iters": total,
         "resumed_at_iteration": start if checkpoint is not None else None, **meta,
     }
-    if ctx.is_main:
+    if checkpoint is not None:
+        trained_with = checkpoint.get("precision") or _legacy_precision(checkpoint)
+        finished = start >= total and (run_dir / "config.json").is_file()
+        if trained_with != precision.describe() and not finished:
+            raise ValueError(
+                f"cannot resume {last_path}: it was trained with {trained_with}, this configuration resolves to "
+                f"{precision.describe()}; set TrainConfig.amp and channels_last to what the run used"
+            )
+    else:
+        finished = False
+    if ctx.is_main and not finished:  # a finished run's config.json keeps describing how it was trained
         atomic_write_json(run_dir / "config.json", {
             "config": cfg.to_dict(), "resolved": resolved,
             "provenance": provenance(cfg.to_dict(), seed=cfg.seed, device=str(device),
@@ -254,7 +272,8 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": "final" if final else "resume",
             "iteration": iteration, "epoch": (iteration - 1) // per_epoch if iteration else 0,
             "total_iters": total, "iters_per_epoch": per_epoch, "world_size": ctx.world_size,
-            "model": model.state_dict(), "config": cfg.to_dict(), "detector": detector_cfg.to_dict(), **meta,
+            "model": model.state_dict(), "config": cfg.to_dict(), "detector": detector_cfg.to_dict(),
+            "precision": precision.describe(), **meta,
         }
         if not final:
             state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),

@@ -393,3 +393,23 @@ def test_compile_network_keeps_the_weights_and_the_outputs():
     torch.testing.assert_close(a["scores"], b["scores"])
     with pytest.raises(ValueError, match="compile"):
         TrainConfig.preset("shapes-tiny", compile="yes")
+
+
+def test_resume_keeps_the_precision_a_run_was_trained_with(tmp_path, data_root, monkeypatch):
+    from harmonic.engine import precision as prec
+
+    # amp="auto" resolves by the machine: here first to float32, then (another machine) to bfloat16
+    monkeypatch.setattr(prec, "native_bf16", lambda device: False)
+    run = train(tiny_config(tmp_path / "run", max_iters=2), progress=False)
+    before = (run / "config.json").read_text()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["precision"]["autocast_dtype"] == "float32"
+    monkeypatch.setattr(prec, "native_bf16", lambda device: True)
+    # a finished run is only reopened (evaluation): its config.json still says how it was trained
+    train(tiny_config(tmp_path / "run", max_iters=2, resume=True), progress=False)
+    assert (run / "config.json").read_text() == before
+    # continuing it in another precision would mix two trainings in one run
+    with pytest.raises(ValueError, match="trained with .*float32.* resolves to .*bfloat16"):
+        train(tiny_config(tmp_path / "run", max_iters=4, resume=True), progress=False)
+    monkeypatch.setattr(prec, "native_bf16", lambda device: False)
+    train(tiny_config(tmp_path / "run", max_iters=4, resume=True), progress=False)
+    assert [r["iter"] for r in read_log(run)] == [1, 2, 3, 4]
