@@ -1066,9 +1066,17 @@ def run(args: argparse.Namespace, command_name: str = "bench") -> int:
 
 def readme_markdown(result: dict, json_path: Path) -> str:
     """The README's bench block: the ratios of each section's summary, as measured (never typed)."""
+    machines = [section["machine"] for section in result["sections"].values()]
+    threads = machines[0]["torch_threads"]
+    loads = [m.get(key) for m in machines for key in ("load_average_1min_before", "load_average_1min_after")]
+    loads = [load for load in loads if load is not None]
     lines = [f"Measured by `make bench` ({json_path.as_posix()}); device: "
-             f"{result['provenance']['device'].get('device')}, torch threads: "
-             f"{next(iter(result['sections'].values()))['machine']['torch_threads']}.", ""]
+             f"{result['provenance']['device'].get('device')}, torch threads: {threads}."]
+    if loads and max(loads) > threads + 0.5:
+        lines[0] += (f" The machine was busy during this run (1-minute load average up to {max(loads):.1f} "
+                     f"against {threads} thread(s)): ratios are measured side by side in interleaved rounds, "
+                     "but contention moves them; rerun `make bench` on a quiet machine before quoting them.")
+    lines.append("")
     dense = result["sections"].get("dense_loss")
     if dense:
         lines += ["Dense loss, forward + backward: the whole Harmonic + HIoU loss of a RetinaNet head through the "
