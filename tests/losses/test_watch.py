@@ -128,3 +128,13 @@ def test_softmax_loss_and_counterfactual_use_the_cross_entropy_and_p():
                                      options=HarmonicOptions(detach_factors=True))
     assert float(detached["watch/reversed_share"]) == 0.0
     torch.testing.assert_close(detached["watch/cls_multiplier"], 1 + detached["beta_r"])
+
+
+def test_percentiles_equal_torch_quantile():
+    from harmonic.losses.watch import QUANTILES, _percentiles
+
+    generator = torch.Generator().manual_seed(0)
+    for p in (1, 2, 3, 10, 257):
+        values = torch.randn(4, p, generator=generator, dtype=torch.float64)
+        expected = torch.quantile(values, torch.tensor(QUANTILES, dtype=torch.float64), dim=1).T
+        torch.testing.assert_close(_percentiles(values), expected, rtol=0, atol=1e-12)
