@@ -326,6 +326,53 @@ def markdown_setting(runs: list[Run]) -> str:
     return "\n".join(parts + [SETTING_NOTE])
 
 
+def assumption_record(run: Run, tail: float = 0.2) -> dict[str, float | int | bool] | None:
+    """How often Eq. 9's assumption (dF/dx > 0, "basically always true during training" [S]) failed in
+    one run, from its log's ``watch/reversed_share`` (None for a run logged without the watch statistics):
+    the share of reversed positives averaged over all iterations and over the last ``tail`` of them, the
+    largest share, the share of iterations with any reversed positive, and whether the numbers are a
+    baseline's counterfactual."""
+    log = run.folder / "log.jsonl"
+    if not log.is_file():
+        return None
+    shares, counterfactual = [], False
+    for line in log.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("watch/reversed_share") is not None:
+            shares.append(float(record["watch/reversed_share"]))
+            counterfactual = counterfactual or bool(record.get("watch/counterfactual"))
+    if not shares:
+        return None
+    last = shares[-max(1, int(round(tail * len(shares)))):]
+    return {"iterations": len(shares), "mean": float(np.mean(shares)), "mean_last": float(np.mean(last)),
+            "max": float(np.max(shares)), "iterations_with_reversal": float(np.mean([v > 0 for v in shares])),
+            "counterfactual": counterfactual}
+
+
+def markdown_assumptions(runs: list[Run]) -> str:
+    """Per variant, whether Eq. 9's assumption held during training, with numbers from the runs' logs
+    (means over the variant's seeds of :func:`assumption_record`)."""
+    lines = ["| variant | runs | mean share of positives with dF/dx < 0 | over the last 20% | largest | "
+             "iterations with any | kind |", "|---|---|---|---|---|---|---|"]
+    missing = []
+    for variant in sorted({r.variant for r in runs}, key=_variant_order(runs)):
+        records = [rec for r in runs if r.variant == variant and (rec := assumption_record(r)) is not None]
+        if not records:
+            missing.append(variant)
+            continue
+        mean = {k: float(np.mean([rec[k] for rec in records])) for k in ("mean", "mean_last", "max", "iterations_with_reversal")}
+        kind = "counterfactual (not trained with these factors)" if records[0]["counterfactual"] else "trained"
+        lines.append(f"| {variant} | {len(records)} | {mean['mean']:.3f} | {mean['mean_last']:.3f} | {mean['max']:.3f} | "
+                     f"{mean['iterations_with_reversal']:.3f} | {kind} |")
+    if len(lines) == 2:
+        return ("The runs were logged without the watch statistics, so whether Eq. 9's assumption held cannot be "
+                "read from them [D].")
+    text = "\n".join(lines)
+    if missing:
+        text += f"\n\nNot logged (runs that predate the watch statistics): {', '.join(missing)}."
+    return text
+
+
 def report_markdown(runs: list[Run], summary, diffs, *, baseline: str = "baseline",
                     main_variant: str = "harmonic_hiou") -> str:
     """The whole report (report.md and the README block): the sections of notebook 05, with headings."""
@@ -343,6 +390,13 @@ def report_markdown(runs: list[Run], summary, diffs, *, baseline: str = "baselin
         "### What the data says",
         "",
         markdown_verdict(diffs, main_variant, baseline),
+        "",
+        "### Did the supplement's assumption hold? [D]",
+        "",
+        "Eq. 9 [S] takes dF/dx > 0 (a positive's score is pushed up) as basically always true during training; "
+        "the share of positives for which it failed, from every run's log:",
+        "",
+        markdown_assumptions(runs),
         "",
         "### The paper's reported numbers [R], beside ours",
         "",

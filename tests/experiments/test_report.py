@@ -13,6 +13,7 @@ from harmonic.experiments.report import (
     describe_runs,
     load_runs,
     load_sweep_runs,
+    markdown_assumptions,
     markdown_differences,
     markdown_paired,
     markdown_paper,
@@ -231,7 +232,8 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
     runs = load_sweep_runs(tmp_path, ["s"])
     summary, diffs = summarize(runs), paired_differences(runs)
     steps = [markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"), markdown_verdict(diffs, "harmonic_hiou"),
-             markdown_paper(summary, diffs, "baseline", "harmonic_hiou"), markdown_setting(runs)]
+             markdown_assumptions(runs), markdown_paper(summary, diffs, "baseline", "harmonic_hiou"),
+             markdown_setting(runs)]
     md = out["markdown"]
     assert md == report_markdown(runs, summary, diffs)
     positions = [md.index(step) for step in steps]
@@ -249,7 +251,8 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
 # notebook 05: the steps, each after a sentence, and one writer at the end
 # ----------------------------------------------------------------------------------------------------
 NOTEBOOK_05 = Path(__file__).resolve().parents[2] / "notebooks" / "05_results.ipynb"
-STEPS = ("load_sweep_runs", "summarize", "paired_differences", "markdown_verdict", "markdown_paper", "results_report")
+STEPS = ("load_sweep_runs", "summarize", "paired_differences", "markdown_verdict", "markdown_assumptions",
+         "markdown_paper", "results_report")
 
 
 def test_results_notebook_shows_each_step_after_a_sentence():
@@ -288,8 +291,8 @@ def test_results_notebook_displays_the_steps_and_writes_the_report(tmp_path):
     runs = load_sweep_runs(tmp_path, ["s"])
     summary, diffs = summarize(runs), paired_differences(runs)
     assert shown == [markdown_runs(runs), markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"),
-                     markdown_verdict(diffs, "harmonic_hiou"), markdown_paper(summary, diffs, "baseline", "harmonic_hiou"),
-                     markdown_setting(runs)]
+                     markdown_verdict(diffs, "harmonic_hiou"), markdown_assumptions(runs),
+                     markdown_paper(summary, diffs, "baseline", "harmonic_hiou"), markdown_setting(runs)]
     assert "+4.0 [" in shown[2] and "raises AP by 4.0" in shown[3]
     images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1  # score vs IoU, baseline and main variant side by side
@@ -315,3 +318,30 @@ def test_minimum_detectable_effect_matches_the_t_formula():
     text = markdown_power(diffs, "h")
     assert "3 paired seeds" in text and "0.9" in text and "2.8 AP" in text
     assert "Too few pairs" in markdown_power({"h": {"AP": {"n": 1, "mde": None}}}, "h")
+
+
+def test_assumption_records_read_the_watch_statistics_of_the_logs(tmp_path):
+    from harmonic.experiments.report import Run, assumption_record, markdown_assumptions
+
+    def run(name, variant, shares, counterfactual=False):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [json.dumps({"iter": i + 1, "watch/reversed_share": v, "watch/counterfactual": int(counterfactual)})
+                 for i, v in enumerate(shares)]
+        (folder / "log.jsonl").write_text("\n".join(lines) + "\n")
+        return Run(name, folder, variant, 0, "s")
+
+    harmonic = run("h", "harmonic_hiou", [0.5, 0.5, 0.25, 0.0, 0.0])
+    record = assumption_record(harmonic)
+    assert record["mean"] == pytest.approx(0.25) and record["mean_last"] == pytest.approx(0.0)  # last 20%: 1 of 5
+    assert record["max"] == 0.5 and record["iterations_with_reversal"] == pytest.approx(0.6)
+    base = run("b", "baseline", [1.0, 1.0], counterfactual=True)
+    old = Run("o", tmp_path / "o", "old", 0, "s")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "log.jsonl").write_text(json.dumps({"iter": 1, "loss": 1.0}) + "\n")
+    assert assumption_record(old) is None
+    text = markdown_assumptions([base, harmonic, old])
+    assert "| harmonic_hiou | 1 | 0.250 | 0.000 | 0.500 | 0.600 | trained |" in text
+    assert "| baseline | 1 | 1.000 | 1.000 | 1.000 | 1.000 | counterfactual" in text
+    assert "Not logged (runs that predate the watch statistics): old." in text
+    assert "cannot be read" in markdown_assumptions([old])
