@@ -283,6 +283,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_threads": 1,
         "output_dir": "results/runs/shapes-cpu",
     },
+    # [D] `make reproduce PROFILE=quick`: the "shapes-cpu" recipe cut to 800 iterations (about 2 minutes
+    # with bfloat16 on one thread), a first look at the notebooks' outputs, not a study.
+    "shapes-quick": {
+        "dataset": "shapes",
+        "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "min_size": 160, "max_size": 160,
+                     "fpn_channels": 64,
+                     "anchor_sizes": [[16, 20, 25], [32, 40, 50], [64, 80, 101], [128, 161, 203], [256, 322, 406]]},
+        "max_iters": 800,
+        "batch_size": 2,
+        "lr": 0.02,
+        "warmup_iters": 100,
+        "warmup_factor": 0.01,
+        "lr_steps": [650],
+        "grad_clip": 10.0,
+        "checkpoint_every": 400,
+        "log_every": 100,
+        "num_threads": 1,
+        "output_dir": "results/runs/shapes-quick",
+    },
     "shapes-tiny": {
         "dataset": "shapes-tiny",
         "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "min_size": 64, "max_size": 96,

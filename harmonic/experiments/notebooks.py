@@ -57,6 +57,13 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
         "04_convergence": [("04_convergence", _convergence("default"))],
         "05_results": [("05_results", {"sweeps": ["default"], "update_readme": "README.md"})],
     },
+    "quick": {
+        "01_derivations": [("01_derivations", {"n_points": 16})],
+        "02_loss_landscapes": [("02_loss_landscapes", {"grid": 101, "dpi": 80})],
+        "03_train_eval": _training_entries("quick"),
+        "04_convergence": [("04_convergence", {**_convergence("quick"), "smooth": 10, "dpi": 80})],
+        "05_results": [("05_results", {"sweeps": ["quick"], "dpi": 80})],
+    },
     "smoke": {
         "01_derivations": [("01_derivations", {"n_points": 8})],
         "02_loss_landscapes": [("02_loss_landscapes", {"grid": 21, "gammas": [0.4, 0.8], "dpi": 40})],
@@ -76,7 +83,7 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
         "05_results": [("05_results", {"sweeps": ["voc"]})],
     },
 }
-DEFAULT_RESULTS_DIRS = {"default": "results", "smoke": "results/smoke", "coco": "results/coco", "voc": "results/voc"}
+DEFAULT_RESULTS_DIRS = {"default": "results", "quick": "results/quick", "smoke": "results/smoke", "coco": "results/coco", "voc": "results/voc"}
 # Parameters filled from the command line, for the notebooks that declare them.
 COMMAND_LINE_PARAMETERS = ("results_dir", "coco_root", "voc_root")
 # Profiles that cannot run without a dataset given on the command line: profile -> parameter

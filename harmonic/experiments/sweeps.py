@@ -95,6 +95,9 @@ SWEEPS: dict[str, Sweep] = {
         # what `make reproduce` runs: the method against the baseline on a few seeds (CPU, minutes)
         Sweep("default", ("baseline", "harmonic_hiou"), seeds=(0, 1, 2), parameters={"preset": "shapes-cpu"},
               description="make reproduce: baseline vs Harmonic + HIoU, RetinaNet R18-FPN on the embedded default"),
+        # make reproduce PROFILE=quick: the same notebooks in a few minutes, a first look
+        Sweep("quick", ("baseline", "harmonic_hiou"), seeds=(0,), parameters={"preset": "shapes-quick"},
+              description="make reproduce PROFILE=quick: baseline vs Harmonic + HIoU, 800 iterations, one seed"),
         # the same plumbing with a tiny schedule (tests)
         Sweep("smoke", ("baseline", "harmonic_hiou"), seeds=(0,), parameters={"preset": "shapes-tiny"},
               description="tests: the default profile's plumbing in seconds"),

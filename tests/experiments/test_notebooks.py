@@ -44,8 +44,10 @@ def test_notebook_source_is_output_free_and_parameterized(path):
 # the profile table
 # ----------------------------------------------------------------------------------------------------
 def test_profiles_cover_the_same_notebooks_and_use_declared_parameters():
-    assert set(PROFILES) >= {"default", "smoke"}
-    assert list(PROFILES["default"]) == list(PROFILES["smoke"])
+    assert set(PROFILES) >= {"default", "quick", "smoke"}
+    assert list(PROFILES["default"]) == list(PROFILES["smoke"]) == list(PROFILES["quick"])
+    quick_runs = PROFILES["quick"]["03_train_eval"]
+    assert [params["preset"] for _, params in quick_runs] == ["shapes-quick", "shapes-quick"]
     present = {p.stem: p for p in NOTEBOOKS}
     for profile, table in PROFILES.items():
         names = [name for entries in table.values() for name, _ in entries]
