@@ -30,7 +30,7 @@ The package, one module per concern (everything public is re-exported here, so
 """
 
 # Names imported ``as`` themselves are public but outside ``__all__`` (constants).
-from harmonic.engine.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_model, read_log
+from harmonic.engine.checkpoints import CHECKPOINT_FORMAT, load_checkpoint, load_model
 from harmonic.engine.checkpoints import CHECKPOINT_VERSION as CHECKPOINT_VERSION
 from harmonic.engine.config import AMP_MODES as AMP_MODES
 from harmonic.engine.config import DEVICES as DEVICES
@@ -40,6 +40,7 @@ from harmonic.engine.predict import evaluate, predict
 from harmonic.engine.sampling import EpochBatchSampler, SeededSamples, derive_seed, iters_per_epoch
 from harmonic.engine.training import IterationState, NonFiniteLossError, train
 from harmonic.engine.watch import read_samples
+from harmonic.utils.runlog import read_log
 
 __all__ = [
     "CHECKPOINT_FORMAT",

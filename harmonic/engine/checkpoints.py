@@ -16,6 +16,7 @@ from torch import nn
 from harmonic.models import DetectorConfig, build_detector
 from harmonic.utils.checks import is_int
 from harmonic.utils.files import atomic_write_text
+from harmonic.utils.runlog import read_log
 
 CHECKPOINT_FORMAT = "harmonic.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -67,24 +68,6 @@ def load_model(checkpoint: str | os.PathLike | Mapping[str, Any], device: str | 
     model = build_detector(DetectorConfig.from_dict(ckpt["detector"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
-
-
-def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a run's ``log.jsonl`` (a run folder is accepted); an unfinished last line is skipped."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "log.jsonl"
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if handle.readline():  # only the last line may be cut short (a crash mid-write)
-                    raise ValueError(f"{path}: line {number} is not JSON") from None
-    return records
 
 
 def truncate_log(path: Path, iteration: int) -> None:

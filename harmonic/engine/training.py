@@ -35,6 +35,7 @@ from harmonic.models import MASK_ARCHS, DetectorConfig, build_detector, get_samp
 from harmonic.ops.focal import backend_record
 from harmonic.utils.files import atomic_torch_save, atomic_write_json
 from harmonic.utils.provenance import provenance
+from harmonic.utils.runlog import find_log, pack_log, unpack_log
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,7 +101,7 @@ def _legacy_precision(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _existing_run(run_dir: Path) -> bool:
-    log = run_dir / "log.jsonl"
+    log = find_log(run_dir)
     return (run_dir / "checkpoints" / "last.pt").is_file() or (log.is_file() and log.stat().st_size > 0)
 
 
@@ -259,6 +260,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
             "provenance": provenance(cfg.to_dict(), seed=cfg.seed, device=str(device),
                                      device_details={**backend_record(device), **precision.describe()}),
         })
+        unpack_log(run_dir)  # a finished run continued (a larger max_iters) appends to its log again
         truncate_log(log_path, start)
         truncate_samples(run_dir, start)
     watch_iters = set(sample_iterations(total))
@@ -298,7 +300,8 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
 
     bar = tqdm(total=total, initial=start, desc=f"train {run_dir.name}", dynamic_ncols=True,
                disable=not (progress and ctx.is_main))
-    log_file = open(log_path, "a", encoding="utf-8") if ctx.is_main else None  # noqa: SIM115
+    # only a run that trains appends to its log (a finished one keeps its packed log untouched)
+    log_file = open(log_path, "a", encoding="utf-8") if ctx.is_main and start < total else None  # noqa: SIM115
     iteration = start
     try:
         while iteration < total:
@@ -345,6 +348,8 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
         bar.close()
         if log_file is not None:
             log_file.close()
+    if log_file is not None:  # the run is complete: its log is kept compressed (see pack_log)
+        pack_log(run_dir)
     return run_dir
 
 

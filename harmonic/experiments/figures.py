@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from harmonic.losses.watch import Y_REVERSAL
 from harmonic.utils.figures import finish, new_figure, save_figure
+from harmonic.utils.runlog import find_log, read_log
 
 # Keys of a training-log record that are looked up as they are, not as "loss/<term>".
 _PLAIN_LOG_KEYS = ("loss", "beta_r", "beta_c", "lr")
@@ -337,13 +338,12 @@ def convergence_figures(
     Returns ``{"figures": [paths], "summary_markdown", "watch_markdown" (first and last window means of
     the watch shares; "" without watch statistics), "logs", "samples"}``.
     """
-    from harmonic.engine.checkpoints import read_log  # engine pulls in torch and torchvision
     from harmonic.engine.watch import read_samples  # engine pulls in torch and torchvision
 
     results_dir = Path(results_dir)
     logs, samples = {}, {}
     for label, name in runs.items():
-        path = results_dir / "runs" / name / "log.jsonl"
+        path = find_log(results_dir / "runs" / name)
         if not path.is_file():
             raise FileNotFoundError(f"run {name!r} ({label}) has no log at {path}: train it first (notebook 03)")
         logs[label] = read_log(path)

@@ -29,6 +29,7 @@ from harmonic.experiments.readme import replace_block
 from harmonic.theory.reported import MAIN_TABLE
 from harmonic.utils.figures import save_figure
 from harmonic.utils.files import atomic_write_json, atomic_write_text
+from harmonic.utils.runlog import find_log, read_log
 
 # metric key -> (section, field, label, higher is better)
 METRICS: dict[str, tuple[str, str, str, bool]] = {
@@ -332,12 +333,11 @@ def assumption_record(run: Run, tail: float = 0.2) -> dict[str, float | int | bo
     the share of reversed positives averaged over all iterations and over the last ``tail`` of them, the
     largest share, the share of iterations with any reversed positive, and whether the numbers are a
     baseline's counterfactual."""
-    log = run.folder / "log.jsonl"
+    log = find_log(run.folder)
     if not log.is_file():
         return None
     shares, counterfactual = [], False
-    for line in log.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_log(log):
         if record.get("watch/reversed_share") is not None:
             shares.append(float(record["watch/reversed_share"]))
             counterfactual = counterfactual or bool(record.get("watch/counterfactual"))
@@ -474,10 +474,10 @@ def results_report(
 def _training_minutes(runs) -> float | None:
     total = 0.0
     for r in runs:
-        log = r.folder / "log.jsonl"
+        log = find_log(r.folder)
         if not log.is_file():
             return None
-        total += sum(json.loads(line).get("time", 0.0) for line in log.read_text().splitlines() if line.strip())
+        total += sum(record.get("time", 0.0) for record in read_log(log))
     return total / 60.0
 
 

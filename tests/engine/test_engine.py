@@ -413,3 +413,18 @@ def test_resume_keeps_the_precision_a_run_was_trained_with(tmp_path, data_root, 
     monkeypatch.setattr(prec, "native_bf16", lambda device: False)
     train(tiny_config(tmp_path / "run", max_iters=4, resume=True), progress=False)
     assert [r["iter"] for r in read_log(run)] == [1, 2, 3, 4]
+
+
+def test_a_finished_run_keeps_its_log_compressed_and_can_continue(tmp_path, data_root):
+    from harmonic.utils.runlog import find_log
+
+    run = train(tiny_config(tmp_path / "run", max_iters=2), progress=False)
+    assert find_log(run).name == "log.jsonl.gz" and not (run / "log.jsonl").exists()
+    records = read_log(run)
+    assert [r["iter"] for r in records] == [1, 2]
+    packed = (run / "log.jsonl.gz").read_bytes()
+    train(tiny_config(tmp_path / "run", max_iters=2, resume=True), progress=False)  # reopened: untouched
+    assert (run / "log.jsonl.gz").read_bytes() == packed and not (run / "log.jsonl").exists()
+    train(tiny_config(tmp_path / "run", max_iters=3, resume=True), progress=False)  # continued: appended
+    assert [r["iter"] for r in read_log(run)] == [1, 2, 3] and find_log(run).name == "log.jsonl.gz"
+    assert read_log(run)[:2] == records

@@ -11,6 +11,7 @@ import torch
 from harmonic.engine import TrainConfig, evaluate, predict, train
 from harmonic.evaluation import STAT_NAMES
 from harmonic.utils.files import read_json
+from harmonic.utils.runlog import read_log
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_train_command_takes_arch_mask_rcnn_and_prints_segm_ap(data_root, tmp_pa
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
 def test_mask_rcnn_trains_on_shapes_masks_and_reports_segm_ap(mask_run, tmp_path):
-    log = [json.loads(line) for line in (mask_run / "log.jsonl").read_text().splitlines()]
+    log = read_log(mask_run)
     mask_losses = [entry["loss/loss_mask"] for entry in log if "iter" in entry]
     assert len(mask_losses) == 2 and all(0 < loss < 100 for loss in mask_losses)  # the mask branch trained
     metrics = evaluate(mask_run, out_dir=tmp_path / "eval", progress=False, device="cpu")

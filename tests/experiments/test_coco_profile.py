@@ -8,6 +8,7 @@ import pytest
 from harmonic.data.shapes import generate_dataset
 from harmonic.experiments import notebooks as reproduce
 from harmonic.experiments import run as experiment
+from harmonic.utils.runlog import read_log
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_dry_run_checks_layout_and_trains_a_few_iterations(coco_root, tmp_path):
     ))
     run_dir = out["run_dir"]
     assert run_dir.name == "coco-plumbing-dryrun" and out["metrics"] == {}
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = read_log(run_dir)
     assert [r["iter"] for r in log] == [1, 2]
     config = json.loads((run_dir / "config.json").read_text())["config"]
     assert config["dataset"].endswith("instances_train2017.json") and config["image_dir"].endswith("train2017")
@@ -76,7 +77,7 @@ def test_torchrun_launch_trains_with_two_processes(coco_root, tmp_path):
         nproc_per_node=2, device="cpu", results_dir=tmp_path, progress=False,
         train_overrides={"num_threads": 1},
     ))
-    log = [json.loads(line) for line in (out["run_dir"] / "log.jsonl").read_text().splitlines()]
+    log = read_log(out["run_dir"])
     assert [r["iter"] for r in log] == [1, 2]
     assert (out["run_dir"] / "checkpoints" / "final.pt").is_file()
     resolved = json.loads((out["run_dir"] / "config.json").read_text())["resolved"]

@@ -14,6 +14,7 @@ from harmonic.engine.config import TrainConfig
 from harmonic.experiments import notebooks as reproduce
 from harmonic.experiments import run as experiment
 from harmonic.experiments.sweeps import SWEEPS
+from harmonic.utils.runlog import read_log
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,7 +108,7 @@ def test_dry_run_converts_and_trains_a_few_iterations(vocdevkit, tmp_path):
     ))
     run_dir = out["run_dir"]
     assert run_dir.name == "voc-plumbing-dryrun" and out["metrics"] == {}
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = read_log(run_dir)
     assert [r["iter"] for r in log] == [1, 2]
     config = json.loads((run_dir / "config.json").read_text())["config"]
     assert config["dataset"] == str(tmp_path / "data" / "voc0712" / "voc0712_trainval.json")
