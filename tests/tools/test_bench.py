@@ -144,7 +144,7 @@ def test_readme_block_shows_the_measured_ratios(tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("top\n") and text.endswith("bottom\n")
     assert "| 1 | 100000 | 0.19 | 8.14 | 0.80 |" in text and "(native backend)" in text
-    assert "| shapes_cpu | 1.012 | 1.050 | 0.999 |" in text
+    assert "| shapes_cpu | 1.012 | 1.050 | 0.999 | n/a |" in text
     (tmp_path / "plain.md").write_text("no block")
     with pytest.raises(ValueError, match="bench:begin"):
         replace_block(tmp_path / "plain.md", "bench", "x")
