@@ -121,6 +121,11 @@ class ShapesParams:
 PRESETS: dict[str, ShapesParams] = {
     "shapes": ShapesParams().validate(),
     "shapes-tiny": ShapesParams(image_size=96, num_train=24, num_val=8, max_objects=4).validate(),
+    # the test bed of the loss comparison (docs/testbed.md) [D]: the same irregular shapes, clutter and
+    # occlusion, with objects of 0.25 to 0.7 of the side, at most 3 per image, placed next to an earlier one
+    # less often (0.3) and hidden at most 40%
+    "shapes-study": ShapesParams(min_object_size=0.25, max_object_size=0.7, max_objects=3, max_occlusion=0.4,
+                                 overlap_prob=0.3).validate(),
 }
 
 

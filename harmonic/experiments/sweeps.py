@@ -98,6 +98,11 @@ SWEEPS: dict[str, Sweep] = {
         # make reproduce PROFILE=quick: the same notebooks in a few minutes, a first look
         Sweep("quick", ("baseline", "harmonic_hiou"), seeds=(0,), parameters={"preset": "shapes-quick"},
               description="make reproduce PROFILE=quick: baseline vs Harmonic + HIoU, 800 iterations, one seed"),
+        # the test bed (docs/testbed.md): easier shapes data and a shapes-pretrained backbone, 4 seeds; opt-in
+        Sweep("study", ("baseline", "harmonic_hiou", "harmonic_hiou_detached"), seeds=(0, 1, 2, 3),
+              parameters={"preset": "shapes-study"},
+              description="the test bed: baseline vs Harmonic + HIoU (factors through and detached), RetinaNet R18-FPN "
+              "with a shapes-pretrained backbone on the shapes-study data"),
         # the same plumbing with a tiny schedule (tests)
         Sweep("smoke", ("baseline", "harmonic_hiou"), seeds=(0,), parameters={"preset": "shapes-tiny"},
               description="tests: the default profile's plumbing in seconds"),

@@ -31,6 +31,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from harmonic.models.config import TWO_STAGE_ARCHS, DetectorConfig
+from harmonic.models.pretrain import ensure_pretrained_backbone
 
 
 class Float32LastLevelP6P7(LastLevelP6P7):
@@ -75,7 +76,9 @@ def _classification_network(cfg: DetectorConfig) -> nn.Module:
     weights = getattr(getattr(tv_models, weights_enum), weights_name) if cfg.pretrained_backbone == "imagenet" else None
     norm_layer = _norm_layer(cfg.resolved("norm"))
     net = builder(weights=weights) if backbone == "vgg16" else builder(weights=weights, norm_layer=norm_layer)
-    if cfg.pretrained_backbone not in (None, "imagenet"):
+    if cfg.pretrained_backbone == "shapes":  # the project's own pretraining, built once and cached
+        _load_local_state_dict(net, ensure_pretrained_backbone(backbone), backbone)
+    elif cfg.pretrained_backbone not in (None, "imagenet"):
         _load_local_state_dict(net, Path(cfg.pretrained_backbone), backbone)
     return net
 

@@ -38,6 +38,8 @@ COMPARISON_ARCHS = ("retinanet",)
 #: backbones available to each architecture (vgg16 is the SSD300 / RefineDet512 network)
 ARCH_BACKBONES = {arch: FPN_BACKBONES for arch in ARCHS} | {"ssd": BACKBONES, "refinedet": BACKBONES}
 NORMS = ("frozen_bn", "bn", "gn")
+#: backbones that ``pretrained_backbone="shapes"`` can pretrain (:mod:`harmonic.models.pretrain`)
+SHAPES_BACKBONES = ("resnet18_fpn", "resnet50_fpn")
 
 #: per-architecture defaults taken from torchvision's builders
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -76,7 +78,9 @@ class DetectorConfig:
       an FPN backbone is the small SSD option: default boxes on the FPN levels. RefineDet: ``"vgg16"``
       (RefineDet512, the default) or an FPN backbone, whose stride 8-64 levels are the four source layers.
     * ``pretrained_backbone``: ``None`` (random init), ``"imagenet"`` (torchvision's own ImageNet
-      weights, downloaded by torchvision on first use) or the path of a local ``state_dict`` file of the
+      weights, downloaded by torchvision on first use), ``"shapes"`` (ResNet-18 / -50 only: the project's
+      stand-in for ImageNet, a classifier of shapes crops trained once for a few minutes and cached under
+      the data root, see :mod:`harmonic.models.pretrain`) or the path of a local ``state_dict`` file of the
       classification network (e.g. ``torchvision.models.resnet50().state_dict()``).
     * ``trainable_backbone_layers``: stages left trainable with a pretrained backbone (torchvision's
       meaning and defaults); must be ``None`` without one (everything then trains).
@@ -148,8 +152,12 @@ class DetectorConfig:
             not isinstance(self.pretrained_backbone, str) or not self.pretrained_backbone
         ):
             raise ValueError(
-                'DetectorConfig.pretrained_backbone must be None, "imagenet" or the path of a state_dict file, '
+                'DetectorConfig.pretrained_backbone must be None, "imagenet", "shapes" or the path of a state_dict file, '
                 f"got {self.pretrained_backbone!r}"
+            )
+        if self.pretrained_backbone == "shapes" and backbone not in SHAPES_BACKBONES:
+            raise ValueError(
+                f'DetectorConfig.pretrained_backbone="shapes" is available for backbone in {SHAPES_BACKBONES}, got {backbone!r}'
             )
         self._check_backbone_training(backbone)
         self._check_sizes(backbone)
