@@ -24,7 +24,6 @@ Command line: ``python -m harmonic generate --preset shapes --out DIR --seed 0``
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,7 +41,7 @@ from PIL import Image, ImageDraw
 
 from harmonic.data.coco import CocoDetection, DatasetError, load_image_rgb
 from harmonic.utils.checks import is_int, is_number
-from harmonic.utils.files import atomic_write_json
+from harmonic.utils.files import atomic_write_json, exclusive_lock
 from harmonic.utils.provenance import provenance
 
 __all__ = [
@@ -362,23 +361,6 @@ def _is_complete(folder: Path, expected_hash: str | None = None) -> bool:
     return image_dir.is_dir() and sum(1 for _ in image_dir.iterdir()) == manifest.get("num_images")
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """An exclusive lock beside ``folder`` (POSIX), so concurrent processes generate it once."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks (Windows): generation is still atomic, maybe done twice
-        yield
-        return
-    with open(folder.parent / f".{folder.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def generate_dataset(
     out_dir: str | os.PathLike,
     params: str | Mapping[str, Any] | ShapesParams = "shapes",
@@ -452,7 +434,7 @@ def ensure_dataset(
     expected = _params_hash(params, seed)
     if not force and _is_complete(folder, expected):
         return _layout(folder)
-    with _folder_lock(folder):
+    with exclusive_lock(folder):
         if not force and _is_complete(folder, expected):  # another process finished it meanwhile
             return _layout(folder)
         for stale in folder.parent.glob(f".{folder.name}.tmp-*"):

@@ -24,7 +24,6 @@ Command line: ``python -m harmonic.models.pretrain`` builds (or finds) the defau
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,7 +41,7 @@ from torchvision import models as tv_models
 
 from harmonic.data.shapes import CATEGORIES, PRESETS, ShapesParams, default_data_root, render_shapes_image
 from harmonic.models.config import SHAPES_BACKBONES
-from harmonic.utils.files import atomic_write_json
+from harmonic.utils.files import atomic_write_json, exclusive_lock
 
 __all__ = ["PRETRAIN_VERSION", "SHAPES_BACKBONES", "PretrainParams", "build_crops", "cache_key", "cache_path", "ensure_pretrained_backbone",
            "pretrain_backbone"]
@@ -213,22 +212,6 @@ def pretrain_backbone(params: PretrainParams, *, log=None) -> tuple[dict[str, to
     return state, summary
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks (Windows): the write is still atomic, maybe done twice
-        yield
-        return
-    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_pretrained_backbone(
     params: PretrainParams | str | None = None, root: str | os.PathLike | None = None, *, log=print
 ) -> Path:
@@ -243,7 +226,7 @@ def ensure_pretrained_backbone(
     path = cache_path(params, root)
     if path.is_file():
         return path
-    with _lock(path):
+    with exclusive_lock(path):
         if path.is_file():  # another process built it meanwhile
             return path
         if log is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -71,3 +72,25 @@ def _json_default(value: Any):
     if hasattr(value, "tolist") and callable(value.tolist):  # numpy / torch arrays and scalars
         return value.tolist()
     raise TypeError(f"object of type {type(value).__name__} is not JSON serializable")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path):
+    """An exclusive advisory lock on the file ``.<name>.lock`` beside ``path`` (POSIX), so that concurrent
+    processes (``torchrun``, parallel runs) build a cached file or folder once. Where the platform has no
+    advisory locks (Windows) the block runs unlocked: the writes it protects are atomic anyway, so the
+    work may only be done twice."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl  # POSIX only: the stdlib module is absent on Windows
+    except ImportError:
+        yield
+        return
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+

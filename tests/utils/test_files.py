@@ -25,3 +25,13 @@ def test_nan_is_refused_and_the_old_file_kept(tmp_path):
         atomic_write_json(path, {"x": float("nan")})
     assert read_json(path) == {"x": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json.gz"]
+
+
+def test_exclusive_lock_makes_its_folder_and_lock_file_beside_the_path(tmp_path):
+    from harmonic.utils.files import exclusive_lock
+
+    target = tmp_path / "cache" / "backbone.pt"
+    with exclusive_lock(target):
+        assert (tmp_path / "cache" / ".backbone.pt.lock").is_file()
+        with exclusive_lock(tmp_path / "other"):  # a lock on another path does not wait for this one
+            pass
