@@ -76,6 +76,14 @@ def positive_iou(model, dataset, batch_size: int = 8) -> dict[str, float]:
     return {"pos_iou": total / max(1, count), "num_positives": count}
 
 
+def portable_backbone(value: str | None) -> str | None:
+    """A pretrained-backbone setting as a result file records it: a named source ("imagenet", "shapes")
+    as it is, a weights file by its name under the data root, never this machine's absolute path."""
+    if value is None or "/" not in value:
+        return value
+    return f"<data root>/pretrained/{Path(value).name}"
+
+
 def run(name: str, data: dict, detector: dict, train: dict, iters: int, lr: float, seed: int) -> dict[str, Any]:
     import torch
 
@@ -85,6 +93,7 @@ def run(name: str, data: dict, detector: dict, train: dict, iters: int, lr: floa
     from harmonic.engine.predict import evaluate
     from harmonic.engine.training import train as train_run
     from harmonic.utils.files import atomic_write_json
+    from harmonic.utils.runlog import read_log
 
     torch.set_num_threads(1)
     folder = dataset_folder(data)
@@ -103,11 +112,13 @@ def run(name: str, data: dict, detector: dict, train: dict, iters: int, lr: floa
     val = build_dataset(str(folder), "val", train=False)
     piou = positive_iou(model, val)
     scores = json.loads((run_dir / "score_iou.json").read_text())["scores"]
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    log = read_log(run_dir)  # log.jsonl.gz once the run is finished
     record = {
-        "name": name, "data": data, "detector": detector, "train": train, "iters": iters, "lr": lr, "seed": seed,
+        "name": name, "data": data,
+        "detector": {k: portable_backbone(v) if k == "pretrained_backbone" else v for k, v in detector.items()},
+        "train": train, "iters": iters, "lr": lr, "seed": seed,
         "batch_size": cfg.batch_size, "min_size": cfg.detector.get("min_size"),
-        "pretrained_backbone": cfg.detector.get("pretrained_backbone"),
+        "pretrained_backbone": portable_backbone(cfg.detector.get("pretrained_backbone")),
         "train_minutes": round(train_minutes, 2),
         "sec_per_iter": round(sum(r["time"] for r in log) / len(log), 4),
         "AP": round(100 * metrics["coco"]["AP"], 2), "AP50": round(100 * metrics["coco"]["AP50"], 2),

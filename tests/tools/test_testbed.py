@@ -37,3 +37,11 @@ def test_positive_iou_reads_the_regression():
     with torch.no_grad():
         pred.bias.view(-1, 4)[:, 0] = 5.0  # every box moved 5 widths to the right: no overlap left
     assert testbed.positive_iou(model, data)["pos_iou"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_results_record_a_weights_file_without_this_machines_path():
+    from testbed import portable_backbone
+
+    assert portable_backbone("/somewhere/data/pretrained/resnet18_fpn-shapes-1.pt") == (
+        "<data root>/pretrained/resnet18_fpn-shapes-1.pt")
+    assert portable_backbone("shapes") == "shapes" and portable_backbone(None) is None
