@@ -30,7 +30,7 @@ from torch import Tensor
 
 from harmonic.losses.comparison import iou_balanced_weights, quality_focal_loss, soft_targets, varifocal_loss
 from harmonic.losses.harmonic import harmonic_factors
-from harmonic.losses.hiou import aligned_box_iou, harmonic_iou_loss
+from harmonic.losses.hiou import aligned_box_iou, check_gamma, hiou_from_iou
 from harmonic.losses.task_contrasting import FORMS as TC_FORMS
 from harmonic.losses.task_contrasting import class_entropy, task_contrasting_loss
 from harmonic.losses.watch import WATCH_KEYS, watch_statistics
@@ -144,10 +144,23 @@ def localization_loss(
     ``box_loss`` is the host's own per-positive box loss; the HIoU term (supplement Eq. 11) is added only
     when ``hiou`` is true and ``hiou_weight > 0``, on decoded xyxy boxes.
     """
+    return _localization(box_loss, pred_boxes, target_boxes, hiou=hiou, hiou_weight=hiou_weight,
+                         hiou_gamma=hiou_gamma)[0]
+
+
+def _localization(
+    box_loss: Tensor, pred_boxes: Tensor, target_boxes: Tensor, *, hiou: bool, hiou_weight: float, hiou_gamma: float
+) -> tuple[Tensor, Tensor]:
+    """``(L_loc, IoU)`` of the positives, the IoU of their decoded boxes computed once: the HIoU term
+    (Eq. 11, as :func:`harmonic.losses.harmonic_iou_loss`), the task-contrasting term and the watch
+    statistics all use it."""
     loc = _upcast(box_loss)
+    iou = aligned_box_iou(pred_boxes, target_boxes)
     if hiou and hiou_weight > 0:
-        loc = loc + hiou_weight * harmonic_iou_loss(pred_boxes, target_boxes, gamma=hiou_gamma).to(loc.dtype)
-    return loc
+        gamma = check_gamma(hiou_gamma)
+        with torch.autocast(device_type=iou.device.type, enabled=False):
+            loc = loc + hiou_weight * hiou_from_iou(iou, gamma).to(loc.dtype)
+    return loc, iou
 
 
 def _upcast(tensor: Tensor) -> Tensor:
@@ -209,25 +222,25 @@ def _harmonic_inputs(
     normalizer: object,
     *,
     softmax: bool,
-) -> tuple[Tensor, Tensor | float, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | float, Tensor, Tensor, Tensor]:
     """The checked pieces both Harmonic compositions start from: the positives' indices
     (:func:`_checked_positives`), the normalizer (:func:`_as_normalizer`), the logits in the compute
-    dtype (:func:`_upcast`) and ``L_loc`` of the positives (:func:`localization_loss` with ``options``)."""
+    dtype (:func:`_upcast`), ``L_loc`` of the positives and their decoded boxes' IoU (:func:`_localization`
+    with ``options``)."""
     positive = _checked_positives(cls_logits, classes, box_loss, pred_boxes, target_boxes, softmax=softmax)
     norm = _as_normalizer(normalizer, cls_logits.shape[0], cls_logits.device)
-    loc = localization_loss(
+    loc, iou = _localization(
         box_loss, pred_boxes, target_boxes,
         hiou=options.hiou, hiou_weight=options.hiou_weight, hiou_gamma=options.hiou_gamma,
     )
-    return positive, norm, _upcast(cls_logits), loc
+    return positive, norm, _upcast(cls_logits), loc, iou
 
 
 def _task_contrasting(
     gt_prob: Tensor,
     logits: Tensor,
     positive: Tensor,
-    pred_boxes: Tensor,
-    target_boxes: Tensor,
+    iou: Tensor,
     normalizer: Tensor | float,
     options: HarmonicOptions,
     *,
@@ -235,10 +248,11 @@ def _task_contrasting(
 ) -> Tensor:
     """``tc_weight`` times the task-contrasting loss of the positives [R], normalized as the other terms:
     ``gt_prob`` [P] their probability of the ground-truth class, ``logits`` [A, K] every sample's logits
-    (``kind`` "sigmoid" or "softmax" for the class entropy), ``positive`` [P] the positives' indices."""
+    (``kind`` "sigmoid" or "softmax" for the class entropy), ``positive`` [P] the positives' indices,
+    ``iou`` [P] their decoded boxes' IoU."""
     tc = task_contrasting_loss(
         gt_prob,
-        aligned_box_iou(pred_boxes, target_boxes),
+        iou,
         class_entropy(logits[positive], kind=kind),
         margin=options.tc_margin,
         form=options.tc_form,
@@ -280,19 +294,17 @@ def _compose(
 def _watch(
     x: Tensor,
     y: Tensor,
-    pred_boxes: Tensor,
-    target_boxes: Tensor,
+    iou: Tensor,
     score: Tensor,
     *,
     detach_factors: bool,
     counterfactual: bool = False,
 ) -> dict[str, Tensor]:
-    """The watch statistics (:func:`watch_statistics` on the decoded boxes' IoU) and the detached samples
-    (:data:`SAMPLE_KEYS`) of P positives; ``{}`` for P = 0. No host synchronization."""
+    """The watch statistics (:func:`watch_statistics` on the decoded boxes' ``iou``) and the detached
+    samples (:data:`SAMPLE_KEYS`) of P positives; ``{}`` for P = 0. No host synchronization."""
     if x.numel() == 0:
         return {}
     with torch.no_grad():
-        iou = aligned_box_iou(pred_boxes.detach(), target_boxes.detach())
         out = watch_statistics(x, y, iou, score, detach_factors=detach_factors, counterfactual=counterfactual)
         out.update(zip(SAMPLE_KEYS, (x.detach(), y.detach(), score.detach())))
     return out
@@ -335,7 +347,7 @@ def dense_harmonic_loss(
         sigmoid of the ground-truth logit) and the samples of :data:`SAMPLE_KEYS`.
     """
     _check_options(options, HarmonicOptions)
-    positive, normalizer, logits, loc = _harmonic_inputs(
+    positive, normalizer, logits, loc, iou = _harmonic_inputs(
         options, cls_logits, gt_classes, box_loss, pred_boxes, target_boxes, num_foreground, softmax=False
     )
     focal = select_focal_loss(options.fused, logits.device)(logits, gt_classes, focal_alpha, focal_gamma)
@@ -346,11 +358,11 @@ def dense_harmonic_loss(
     else:
         factor_cls = F.softplus(-gt_logit)  # -log sigmoid(x_gt), so beta_c = sigmoid(x_gt) [D]
     out = _compose(focal, positive, focal_pos, factor_cls, loc, normalizer, detach_factors=options.detach_factors)
-    out.update(_watch(factor_cls, loc, pred_boxes, target_boxes, torch.sigmoid(gt_logit.detach()),
+    out.update(_watch(factor_cls, loc, iou, torch.sigmoid(gt_logit.detach()),
                       detach_factors=options.detach_factors))
     if options.tc_weight > 0:
         out["task_contrasting"] = _task_contrasting(
-            torch.sigmoid(gt_logit), logits, positive, pred_boxes, target_boxes, normalizer, options, kind="sigmoid"
+            torch.sigmoid(gt_logit), logits, positive, iou, normalizer, options, kind="sigmoid"
         )
     return out
 
@@ -384,17 +396,17 @@ def softmax_harmonic_loss(
         watch statistics with x = CE_i and score = p_i.
     """
     _check_options(options, HarmonicOptions)
-    positive, norm, logits, loc = _harmonic_inputs(
+    positive, norm, logits, loc, iou = _harmonic_inputs(
         options, cls_logits, labels, box_loss, pred_boxes, target_boxes, normalizer, softmax=True
     )
     ce = F.cross_entropy(logits, labels, reduction="none")
     ce_pos = ce[positive]
     out = _compose(ce, positive, ce_pos, ce_pos, loc, norm, detach_factors=options.detach_factors)
-    out.update(_watch(ce_pos, loc, pred_boxes, target_boxes, torch.exp(-ce_pos.detach()),
+    out.update(_watch(ce_pos, loc, iou, torch.exp(-ce_pos.detach()),
                       detach_factors=options.detach_factors))
     if options.tc_weight > 0:
         out["task_contrasting"] = _task_contrasting(
-            torch.exp(-ce_pos), logits, positive, pred_boxes, target_boxes, norm, options, kind="softmax"
+            torch.exp(-ce_pos), logits, positive, iou, norm, options, kind="softmax"
         )  # exp(-CE_i) = p_i of the ground-truth class
     return out
 
@@ -446,11 +458,11 @@ def dense_watch_counterfactual(
             x = select_focal_loss(False, logits.device)(logits, pos_classes, focal_alpha, focal_gamma)
         else:
             x = F.softplus(-gt_logit)
-        y = localization_loss(
+        y, iou = _localization(
             box_loss.detach(), pred_boxes.detach(), target_boxes.detach(),
             hiou=options.hiou, hiou_weight=options.hiou_weight, hiou_gamma=options.hiou_gamma,
         )
-        return _watch(x, y, pred_boxes, target_boxes, torch.sigmoid(gt_logit),
+        return _watch(x, y, iou, torch.sigmoid(gt_logit),
                       detach_factors=options.detach_factors, counterfactual=True)
 
 
@@ -472,11 +484,11 @@ def softmax_watch_counterfactual(
     _check_positive_pieces(pos_labels.numel(), box_loss, pred_boxes, target_boxes)
     with torch.no_grad():
         x = F.cross_entropy(_upcast(pos_logits.detach()), pos_labels, reduction="none")
-        y = localization_loss(
+        y, iou = _localization(
             box_loss.detach(), pred_boxes.detach(), target_boxes.detach(),
             hiou=options.hiou, hiou_weight=options.hiou_weight, hiou_gamma=options.hiou_gamma,
         )
-        return _watch(x, y, pred_boxes, target_boxes, torch.exp(-x),
+        return _watch(x, y, iou, torch.exp(-x),
                       detach_factors=options.detach_factors, counterfactual=True)
 
 
