@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -283,51 +284,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_threads": 1,
         "output_dir": "results/runs/shapes-cpu",
     },
-    # [D] `make reproduce PROFILE=quick`: the "shapes-cpu" recipe cut to 800 iterations (about 2 minutes
-    # with bfloat16 on one thread), a first look at the notebooks' outputs, not a study.
-    "shapes-quick": {
-        "dataset": "shapes",
-        "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "min_size": 160, "max_size": 160,
-                     "fpn_channels": 64,
-                     "anchor_sizes": [[16, 20, 25], [32, 40, 50], [64, 80, 101], [128, 161, 203], [256, 322, 406]]},
-        "max_iters": 800,
-        "batch_size": 2,
-        "lr": 0.02,
-        "warmup_iters": 100,
-        "warmup_factor": 0.01,
-        "lr_steps": [650],
-        "grad_clip": 10.0,
-        "checkpoint_every": 400,
-        "log_every": 100,
-        "num_threads": 1,
-        "output_dir": "results/runs/shapes-quick",
-    },
-    # [D] The test bed of the loss comparison (docs/testbed.md, measurements in results/testbed/): opt-in,
-    # the default study stays "shapes-cpu". The "shapes-study" data (larger objects, fewer of them, less
-    # occlusion, still irregular shapes on clutter), a ResNet-18 pretrained once by the project on shapes
-    # crops ("shapes", harmonic.models.pretrain; the stand-in for ImageNet, about 5 minutes, cached under the
-    # data root) with frozen BatchNorm and conv1 / layer1 frozen as torchvision does with ImageNet weights,
-    # bfloat16 autocast and channels_last. 2400 iterations at about 0.17 s each on one thread of the
-    # shared 2-core CPU (measured): about 7 minutes a run, so 12 runs two at a time fit in about 45 minutes.
-    "shapes-study": {
-        "dataset": "shapes-study",
-        "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "pretrained_backbone": "shapes",
-                     "min_size": 160, "max_size": 160, "fpn_channels": 64,
-                     "anchor_sizes": [[16, 20, 25], [32, 40, 50], [64, 80, 101], [128, 161, 203], [256, 322, 406]]},
-        "max_iters": 2400,
-        "batch_size": 2,
-        "lr": 0.02,
-        "warmup_iters": 200,
-        "warmup_factor": 0.01,
-        "lr_steps": [1841, 2239],
-        "grad_clip": 10.0,
-        "amp": "bf16",
-        "channels_last": True,
-        "checkpoint_every": 500,
-        "log_every": 100,
-        "num_threads": 1,
-        "output_dir": "results/runs/shapes-study",
-    },
     "shapes-tiny": {
         "dataset": "shapes-tiny",
         "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "min_size": 64, "max_size": 96,
@@ -370,6 +326,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_workers": 4,
         "output_dir": "results/runs/voc",
     },
+}
+
+# [D] `make reproduce PROFILE=quick`: the "shapes-cpu" recipe cut to 800 iterations (about 2 minutes with
+# bfloat16 on one thread), a first look at the notebooks' outputs, not a study.
+PRESETS["shapes-quick"] = {
+    **copy.deepcopy(PRESETS["shapes-cpu"]), "max_iters": 800, "warmup_iters": 100, "lr_steps": [650], "checkpoint_every": 400,
+    "output_dir": "results/runs/shapes-quick",
+}
+# [D] The test bed of the loss comparison (docs/testbed.md, measurements in results/testbed/): opt-in, the
+# default study stays "shapes-cpu". The "shapes-study" data (larger objects, fewer of them, less occlusion,
+# still irregular shapes on clutter), a ResNet-18 pretrained once by the project on shapes crops ("shapes",
+# harmonic.models.pretrain; the stand-in for ImageNet, about 5 minutes, cached under the data root) with
+# frozen BatchNorm and conv1 / layer1 frozen as torchvision does with ImageNet weights, bfloat16 autocast and
+# channels_last. 2400 iterations at about 0.17 s each on one thread of the shared 2-core CPU (measured):
+# about 7 minutes a run, so 12 runs two at a time fit in about 45 minutes.
+PRESETS["shapes-study"] = {
+    **copy.deepcopy(PRESETS["shapes-cpu"]), "dataset": "shapes-study",
+    "detector": {**copy.deepcopy(PRESETS["shapes-cpu"]["detector"]), "pretrained_backbone": "shapes"},
+    "max_iters": 2400, "lr_steps": [1841, 2239], "amp": "bf16", "channels_last": True,
+    "output_dir": "results/runs/shapes-study",
 }
 
 

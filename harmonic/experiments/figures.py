@@ -50,6 +50,21 @@ def _series(label: str, records: list[dict], key: str) -> tuple[np.ndarray, np.n
     return np.asarray(iters), np.asarray(values)
 
 
+def _plot_series(ax, label: str, records: list[dict], key: str, *, color: str, smooth: int, legend: str,
+                 widths: tuple[float, float]) -> None:
+    """One run's ``key`` against iteration (records sorted by iteration): with ``smooth`` > 1 the raw
+    values faint and their trailing moving average on top (line width ``widths[0]``), else the raw values
+    (``widths[1]``)."""
+    iters, values = _series(label, records, key)
+    order = np.argsort(iters, kind="stable")
+    iters, values = iters[order], values[order]
+    if smooth > 1:
+        ax.plot(iters, values, color=color, alpha=0.25, linewidth=0.7)
+        ax.plot(iters, _moving_average(values, smooth), color=color, linewidth=widths[0], label=legend)
+    else:
+        ax.plot(iters, values, color=color, linewidth=widths[1], label=legend)
+
+
 def plot_training_curves(
     logs: dict[str, list[dict]],
     terms: list[str] | None = None,
@@ -111,15 +126,8 @@ def plot_training_curves(
         for index, (label, records) in enumerate(logs.items()):
             if term != "loss" and not logged(records, key):
                 continue  # e.g. the baseline has no harmonic factors
-            iters, values = _series(label, records, key)
-            order = np.argsort(iters, kind="stable")
-            iters, values = iters[order], values[order]
-            color = f"C{index}"
-            if smooth > 1:
-                ax.plot(iters, values, color=color, alpha=0.25, linewidth=0.7)
-                ax.plot(iters, _moving_average(values, smooth), color=color, linewidth=1.4, label=label)
-            else:
-                ax.plot(iters, values, color=color, linewidth=1.2, label=label)
+            _plot_series(ax, label, records, key, color=f"C{index}", smooth=smooth, legend=label,
+                         widths=(1.4, 1.2))
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_title("total loss" if term == "loss" else key, fontsize=9)
         ax.set_xlabel("iteration")
@@ -215,14 +223,8 @@ def plot_watch_shares(
         for index, (label, records) in enumerate(watched.items()):
             if not records:
                 continue
-            iters, values = _series(label, records, key)
-            order = np.argsort(iters, kind="stable")
-            iters, values = iters[order], values[order]
-            color = f"C{index}"
-            if smooth > 1:
-                ax.plot(iters, values, color=color, alpha=0.25, linewidth=0.7)
-                values = _moving_average(values, smooth)
-            ax.plot(iters, values, color=color, linewidth=1.3, label=_watch_label(label, records))
+            _plot_series(ax, label, records, key, color=f"C{index}", smooth=smooth,
+                         legend=_watch_label(label, records), widths=(1.3, 1.3))
         if key == "watch/cls_multiplier":
             ax.axhline(0.0, color="0.4", linewidth=0.7, linestyle=":")
         else:
