@@ -10,6 +10,8 @@ SWEEP  ?= ablation
 PYTEST_ARGS ?=
 # one thread per process is the fair setting on a small shared CPU; on a GPU machine: make bench BENCH_ARGS=
 BENCH_ARGS ?= --threads 1
+# the moment make started (before the environment is set up): make reproduce records its wall time from here
+STARTED := $(shell date +%s)
 
 .PHONY: help env test reproduce lab lint bench gpu-check sweep lock clean
 
@@ -37,7 +39,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 reproduce: $(STAMP)
-	$(PY) -m harmonic reproduce --profile $(PROFILE) $(if $(COCO_ROOT),--coco-root $(COCO_ROOT),) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT),) $(if $(DRY_RUN),--dry-run,)
+	$(PY) -m harmonic reproduce --profile $(PROFILE) $(if $(COCO_ROOT),--coco-root $(COCO_ROOT),) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT),) $(if $(DRY_RUN),--dry-run,) --started-at $(STARTED)
 
 sweep: $(STAMP)
 	$(PY) -m harmonic reproduce --sweep $(SWEEP)

@@ -240,6 +240,9 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
     parser.add_argument("--no-progress", action="store_true", help="no papermill progress bar")
     parser.add_argument("--list", action="store_true", help="print the profiles and exit")
+    parser.add_argument("--started-at", type=float, default=None, metavar="EPOCH",
+                        help="when the whole command began (Unix seconds; make passes the moment it started, so "
+                             "the timing written to reproduce_timing.json includes setting up the environment)")
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -257,7 +260,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         return run_named_sweep(args.sweep, args.results_dir or "results")
     try:
         return reproduce(args.profile, only=args.only, results_dir=args.results_dir, coco_root=args.coco_root,
-                         voc_root=args.voc_root, keep_going=args.keep_going, progress_bar=not args.no_progress, dry_run=args.dry_run, jobs=args.jobs)
+                         voc_root=args.voc_root, keep_going=args.keep_going, progress_bar=not args.no_progress, dry_run=args.dry_run, jobs=args.jobs,
+                         started_at=args.started_at)
     except ValueError as err:
         print(f"[reproduce] {err}", file=sys.stderr)
         return 2

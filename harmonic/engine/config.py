@@ -248,8 +248,9 @@ class TrainConfig:
         return self.dataset, "val", self.val_image_dir
 
 
-#: Named training configurations. ``shapes-cpu``: the default of ``make reproduce`` (RetinaNet R18-FPN,
-#: from scratch, on the embedded dataset; sized to train in minutes on a 2-core CPU, see below).
+#: Named training configurations. ``shapes-study``: the default of ``make reproduce`` (below).
+#: ``shapes-cpu``: RetinaNet R18-FPN from scratch on the embedded dataset, sized to train in minutes on a
+#: 2-core CPU (the former default study, ``make sweep SWEEP=scratch``).
 #: ``shapes-tiny``: a few seconds, for tests. ``coco-1x``: the standard 1x COCO recipe (90k iterations of
 #: 16 images, lr 0.01, steps at 60k and 80k, warmup 1000 iterations from 1/1000) for RetinaNet R50-FPN
 #: with an ImageNet backbone, as 8 processes of 2 images; the paper's own settings were not recovered [R].
@@ -334,8 +335,8 @@ PRESETS["shapes-quick"] = {
     **copy.deepcopy(PRESETS["shapes-cpu"]), "max_iters": 800, "warmup_iters": 100, "lr_steps": [650], "checkpoint_every": 400,
     "output_dir": "results/runs/shapes-quick",
 }
-# [D] The test bed of the loss comparison (docs/testbed.md, measurements in results/testbed/): opt-in, the
-# default study stays "shapes-cpu". The "shapes-study" data (larger objects, fewer of them, less occlusion,
+# [D] The test bed of the loss comparison and the default of `make reproduce` (docs/testbed.md, measurements
+# in results/testbed/). The "shapes-study" data (larger objects, fewer of them, less occlusion,
 # still irregular shapes on clutter), a ResNet-18 pretrained once by the project on shapes crops ("shapes",
 # harmonic.models.pretrain; the stand-in for ImageNet, about 5 minutes, cached under the data root) with
 # frozen BatchNorm and conv1 / layer1 frozen as torchvision does with ImageNet weights, bfloat16 autocast and

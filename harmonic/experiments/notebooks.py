@@ -46,7 +46,12 @@ def _training_entries(sweep_name: str) -> list[Entry]:
 
 
 def _convergence(sweep_name: str) -> dict[str, Any]:
-    return {"runs": {"baseline": f"{sweep_name}-baseline-s0", "harmonic + HIoU": f"{sweep_name}-harmonic_hiou-s0"}}
+    """Notebook 04's runs: seed 0 of the baseline and of Harmonic + HIoU (and of the detached variant, where
+    the sweep has it)."""
+    runs = {"baseline": f"{sweep_name}-baseline-s0", "harmonic + HIoU": f"{sweep_name}-harmonic_hiou-s0"}
+    if "harmonic_hiou_detached" in SWEEPS[sweep_name].variants:
+        runs["harmonic + HIoU, detached"] = f"{sweep_name}-harmonic_hiou_detached-s0"
+    return {"runs": runs}
 
 
 PROFILES: dict[str, dict[str, list[Entry]]] = {
@@ -272,8 +277,13 @@ def reproduce(
     progress_bar: bool = True,
     dry_run: bool = False,
     jobs: int | str = 1,
+    started_at: float | None = None,
 ) -> int:
     """Execute the notebooks of ``profile`` into ``results_dir``; return a process exit status.
+
+    ``started_at``: the Unix time the whole command began (``make reproduce`` passes the moment make
+    started, before it set up the environment); ``reproduce_timing.json`` then also records the wall
+    time from there (``total_wall_minutes``), beside the notebooks' own (``wall_minutes``).
 
     ``jobs``: how many training runs (``03_train_eval`` entries) execute at once, each in its own kernel
     with ``cpu_count // jobs`` threads; ``"auto"``: one per CPU core (at most 4) without CUDA, else 1.
@@ -345,10 +355,11 @@ def reproduce(
         return 1
     elapsed = time.perf_counter() - started
     if not dry_run and only is None:
-        atomic_write_json(results_dir / "reproduce_timing.json", {
-            "profile": profile, "notebooks": len(runs), "jobs": jobs, "wall_minutes": round(elapsed / 60.0, 2),
-            "provenance": provenance({"profile": profile, "jobs": jobs}),
-        })
+        timing = {"profile": profile, "notebooks": len(runs), "jobs": jobs, "wall_minutes": round(elapsed / 60.0, 2)}
+        if started_at is not None:
+            timing["total_wall_minutes"] = round((time.time() - started_at) / 60.0, 2)
+        timing["provenance"] = provenance({"profile": profile, "jobs": jobs})
+        atomic_write_json(results_dir / "reproduce_timing.json", timing)
     print(f"[reproduce] done: {len(runs)} notebook(s) in {results_dir} in {elapsed / 60.0:.1f} min")
     return 0
 

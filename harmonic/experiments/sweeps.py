@@ -32,6 +32,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "harmonic_hiou": {"loss": "harmonic", "hiou": True},
     "harmonic_hiou_detached": {"loss": "harmonic", "hiou": True, "detach_factors": True},
     "harmonic_hiou_gt_prob": {"loss": "harmonic", "hiou": True, "beta_c_source": "gt_prob"},
+    # attribution controls [D]: the IoU-type term without the harmonic factors (focal + L1 + 1.5 HIoU, and the
+    # same with torchvision's GIoU loss in HIoU's place): does any IoU-type term move AP here, or HIoU as built?
+    "baseline_hiou": {"loss": "harmonic", "hiou": True, "factors": False},
+    "baseline_giou": {"loss": "harmonic", "hiou": True, "iou_loss": "giou", "factors": False},
     # comparison losses, RetinaNet only: our implementation of other papers' formulas [D]
     # (GFL's quality focal loss, VarifocalNet's varifocal loss, IoU-balanced weights; harmonic.losses.comparison)
     "qfl": {"loss": "qfl"},
@@ -92,17 +96,29 @@ SWEEPS: dict[str, Sweep] = {
         Sweep("comparison", ("baseline", "harmonic_hiou", "qfl", "varifocal", "iou_balanced"),
               description="Harmonic + HIoU vs the quality focal, varifocal and IoU-balanced losses [D], each a "
               "loss-only swap in the same RetinaNet"),
-        # what `make reproduce` runs: the method against the baseline on a few seeds (CPU, minutes)
-        Sweep("default", ("baseline", "harmonic_hiou"), seeds=(0, 1, 2), parameters={"preset": "shapes-cpu"},
-              description="make reproduce: baseline vs Harmonic + HIoU, RetinaNet R18-FPN on the embedded default"),
+        # what `make reproduce` runs: the test bed of docs/testbed.md (shapes-study data, a shapes-pretrained
+        # ResNet-18-FPN RetinaNet, 2400 iterations), the method with its factors differentiated through and
+        # detached against the baseline, 4 seeds each (seed-major: complete pairs first)
+        Sweep("default", ("baseline", "harmonic_hiou", "harmonic_hiou_detached"), seeds=(0, 1, 2, 3),
+              parameters={"preset": "shapes-study"},
+              description="make reproduce: baseline vs Harmonic + HIoU (factors through and detached), RetinaNet "
+              "R18-FPN with a shapes-pretrained backbone on the shapes-study data"),
+        # the attribution of the default study's difference (its baseline and Harmonic + HIoU runs pair with
+        # these by seed): which part of the method moves AP, and does any IoU-type term do the same here?
+        Sweep("attribution", ("harmonic", "baseline_hiou", "baseline_giou"), seeds=(0, 1, 2, 3),
+              parameters={"preset": "shapes-study"},
+              description="Harmonic without HIoU; focal + L1 + 1.5 HIoU without factors; focal + L1 + 1.5 GIoU "
+              "(torchvision's) without factors, on the default study's test bed"),
+        # the HIoU weight as a dose-response on the test bed (alpha 1.5 is the default study's harmonic_hiou)
+        Sweep("alpha_dose", ("harmonic", "hiou_alpha_0.5", "hiou_alpha_1.0"), seeds=(0, 1, 2, 3),
+              parameters={"preset": "shapes-study"},
+              description="Harmonic with the HIoU weight alpha 0 / 0.5 / 1 (1.5: the default study) on the test bed"),
+        # the former default study: RetinaNet R18-FPN from scratch on the harder shapes data, 3000 iterations
+        Sweep("scratch", ("baseline", "harmonic_hiou"), seeds=(0, 1, 2), parameters={"preset": "shapes-cpu"},
+              description="baseline vs Harmonic + HIoU, RetinaNet R18-FPN from scratch on the shapes data"),
         # make reproduce PROFILE=quick: the same notebooks in a few minutes, a first look
         Sweep("quick", ("baseline", "harmonic_hiou"), seeds=(0,), parameters={"preset": "shapes-quick"},
               description="make reproduce PROFILE=quick: baseline vs Harmonic + HIoU, 800 iterations, one seed"),
-        # the test bed (docs/testbed.md): easier shapes data and a shapes-pretrained backbone, 4 seeds; opt-in
-        Sweep("study", ("baseline", "harmonic_hiou", "harmonic_hiou_detached"), seeds=(0, 1, 2, 3),
-              parameters={"preset": "shapes-study"},
-              description="the test bed: baseline vs Harmonic + HIoU (factors through and detached), RetinaNet R18-FPN "
-              "with a shapes-pretrained backbone on the shapes-study data"),
         # the same plumbing with a tiny schedule (tests)
         Sweep("smoke", ("baseline", "harmonic_hiou"), seeds=(0,), parameters={"preset": "shapes-tiny"},
               description="tests: the default profile's plumbing in seconds"),

@@ -128,6 +128,8 @@ class DetectorConfig:
     tc_form: str = "margin"
     detach_factors: bool = False
     beta_c_source: str = "loss"
+    iou_loss: str = "hiou"
+    factors: bool = True
     fused: bool | None = None
     detections_per_img: int | None = None
     score_thresh: float | None = None
@@ -301,6 +303,8 @@ class DetectorConfig:
             tc_form=self.tc_form,
             detach_factors=self.detach_factors,
             beta_c_source=self.beta_c_source,
+            iou_loss=self.iou_loss,
+            factors=self.factors,
             fused=self.fused,
         )
         return options if self.loss == "harmonic" else None

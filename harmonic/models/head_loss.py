@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss
 
 from harmonic.losses.comparison import iou_balanced_weights, quality_focal_loss, soft_targets, varifocal_loss
 from harmonic.losses.harmonic import harmonic_factors
@@ -41,6 +42,7 @@ __all__ = [
     "SAMPLE_KEYS",
     "STAT_KEYS",
     "TC_FORMS",
+    "IOU_LOSSES",
     "HarmonicOptions",
     "localization_loss",
     "dense_harmonic_loss",
@@ -55,6 +57,8 @@ __all__ = [
 
 BETA_C_SOURCES = ("loss", "gt_prob")
 COMPARISON_LOSSES = ("qfl", "varifocal", "iou_balanced")
+#: the IoU-type term added to L_loc: the Harmonic IoU loss (Eq. 11) or torchvision's GIoU loss (a control)
+IOU_LOSSES = ("hiou", "giou")
 #: detached per-positive tensors [P] returned beside the losses: x (the factor's CE), y (L_loc) and the
 #: ground-truth class score, for the watch samples of a run (:func:`harmonic.models.get_samples`)
 SAMPLE_KEYS = ("samples/x", "samples/y", "samples/score")
@@ -75,6 +79,10 @@ class HarmonicOptions:
     (``beta_c := sigmoid(x_gt)`` [D]); a softmax head has ``beta_c = p_i`` either way (Eq. 4).
     ``fused``: per-anchor focal implementation for sigmoid heads (False: reference, True:
     :func:`harmonic.ops.focal.focal_loss_per_anchor`, None: the fused one where it is faster).
+    ``iou_loss``: the IoU-type term that ``hiou`` adds, ``"hiou"`` (Eq. 11, focusing ``hiou_gamma``) or
+    ``"giou"`` (torchvision's generalized IoU loss, weighted by ``hiou_weight``; a control [D]).
+    ``factors``: False sets beta_r = beta_c = 0 in the loss (classification loss + L_loc, unweighted; the
+    factors are still computed, detached, for the statistics): the "baseline plus IoU term" controls [D].
     """
 
     hiou: bool = True
@@ -86,9 +94,11 @@ class HarmonicOptions:
     detach_factors: bool = False
     beta_c_source: str = "loss"
     fused: bool | None = None
+    iou_loss: str = "hiou"
+    factors: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("hiou", "detach_factors"):
+        for name in ("hiou", "detach_factors", "factors"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.fused is not None and not isinstance(self.fused, bool):
@@ -109,6 +119,8 @@ class HarmonicOptions:
             raise ValueError(f"tc_form must be one of {TC_FORMS}, got {self.tc_form!r}")
         if self.beta_c_source not in BETA_C_SOURCES:
             raise ValueError(f"beta_c_source must be one of {BETA_C_SOURCES}, got {self.beta_c_source!r}")
+        if self.iou_loss not in IOU_LOSSES:
+            raise ValueError(f"iou_loss must be one of {IOU_LOSSES}, got {self.iou_loss!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,18 +161,28 @@ def localization_loss(
 
 
 def _localization(
-    box_loss: Tensor, pred_boxes: Tensor, target_boxes: Tensor, *, hiou: bool, hiou_weight: float, hiou_gamma: float
+    box_loss: Tensor, pred_boxes: Tensor, target_boxes: Tensor, *, hiou: bool, hiou_weight: float, hiou_gamma: float,
+    iou_loss: str = "hiou",
 ) -> tuple[Tensor, Tensor]:
     """``(L_loc, IoU)`` of the positives, the IoU of their decoded boxes computed once: the HIoU term
     (Eq. 11, as :func:`harmonic.losses.harmonic_iou_loss`), the task-contrasting term and the watch
-    statistics all use it."""
+    statistics all use it. ``iou_loss="giou"`` adds torchvision's GIoU loss instead of HIoU."""
     loc = _upcast(box_loss)
     iou = aligned_box_iou(pred_boxes, target_boxes)
     if hiou and hiou_weight > 0:
-        gamma = check_gamma(hiou_gamma)
         with torch.autocast(device_type=iou.device.type, enabled=False):
-            loc = loc + hiou_weight * hiou_from_iou(iou, gamma).to(loc.dtype)
+            if iou_loss == "giou":
+                term = generalized_box_iou_loss(_upcast(pred_boxes), _upcast(target_boxes), reduction="none")
+            else:
+                term = hiou_from_iou(iou, check_gamma(hiou_gamma))
+            loc = loc + hiou_weight * term.to(loc.dtype)
     return loc, iou
+
+
+def _options_localization(options: HarmonicOptions, box_loss: Tensor, pred_boxes: Tensor, target_boxes: Tensor):
+    """:func:`_localization` with the IoU-type term of ``options``."""
+    return _localization(box_loss, pred_boxes, target_boxes, hiou=options.hiou, hiou_weight=options.hiou_weight,
+                         hiou_gamma=options.hiou_gamma, iou_loss=options.iou_loss)
 
 
 def _upcast(tensor: Tensor) -> Tensor:
@@ -229,10 +251,7 @@ def _harmonic_inputs(
     with ``options``)."""
     positive = _checked_positives(cls_logits, classes, box_loss, pred_boxes, target_boxes, softmax=softmax)
     norm = _as_normalizer(normalizer, cls_logits.shape[0], cls_logits.device)
-    loc, iou = _localization(
-        box_loss, pred_boxes, target_boxes,
-        hiou=options.hiou, hiou_weight=options.hiou_weight, hiou_gamma=options.hiou_gamma,
-    )
+    loc, iou = _options_localization(options, box_loss, pred_boxes, target_boxes)
     return positive, norm, _upcast(cls_logits), loc, iou
 
 
@@ -269,6 +288,7 @@ def _compose(
     normalizer: Tensor | float,
     *,
     detach_factors: bool,
+    factors: bool = True,
 ) -> dict[str, Tensor]:
     """Shared core: the two harmonic terms, normalized, and detached factor statistics.
 
@@ -276,13 +296,20 @@ def _compose(
     ``cls_loss``; ``cls_pos`` [P]: ``cls_loss[positive]``; ``factor_cls_loss`` [P]: the CE that defines
     beta_c; ``loc_loss`` [P]: L_loc. The classification term is written as every sample's loss plus
     ``beta_r * CE_i`` of the positives, which equals the negatives' loss plus ``(1 + beta_r) * CE_i``
-    without building the [A] tensor of weighted terms.
+    without building the [A] tensor of weighted terms. ``factors=False``: the loss is the plain sum
+    (classification loss + L_loc); the factors are computed, detached, for the statistics only.
     """
-    cls_factor, reg_factor = harmonic_factors(factor_cls_loss, loc_loss, detach_factors=detach_factors)
+    cls_factor, reg_factor = harmonic_factors(factor_cls_loss, loc_loss, detach_factors=detach_factors or not factors)
     pos_normalizer = _at_positives(normalizer, positive)
+    if factors:
+        classification = _normalize(cls_loss, normalizer) + _normalize((cls_factor - 1.0) * cls_pos, pos_normalizer)
+        regression = _normalize(reg_factor * loc_loss, pos_normalizer)
+    else:
+        classification = _normalize(cls_loss, normalizer)
+        regression = _normalize(loc_loss, pos_normalizer)
     out = {
-        "classification": _normalize(cls_loss, normalizer) + _normalize((cls_factor - 1.0) * cls_pos, pos_normalizer),
-        "bbox_regression": _normalize(reg_factor * loc_loss, pos_normalizer),
+        "classification": classification,
+        "bbox_regression": regression,
         "num_positives": torch.tensor(float(positive.numel()), device=cls_loss.device),
     }
     if positive.numel() > 0:
@@ -357,9 +384,10 @@ def dense_harmonic_loss(
         factor_cls = focal_pos  # CE_i := focal loss summed over classes [R]
     else:
         factor_cls = F.softplus(-gt_logit)  # -log sigmoid(x_gt), so beta_c = sigmoid(x_gt) [D]
-    out = _compose(focal, positive, focal_pos, factor_cls, loc, normalizer, detach_factors=options.detach_factors)
+    out = _compose(focal, positive, focal_pos, factor_cls, loc, normalizer, detach_factors=options.detach_factors,
+                   factors=options.factors)
     out.update(_watch(factor_cls, loc, iou, torch.sigmoid(gt_logit.detach()),
-                      detach_factors=options.detach_factors))
+                      detach_factors=options.detach_factors, counterfactual=not options.factors))
     if options.tc_weight > 0:
         out["task_contrasting"] = _task_contrasting(
             torch.sigmoid(gt_logit), logits, positive, iou, normalizer, options, kind="sigmoid"
@@ -401,9 +429,10 @@ def softmax_harmonic_loss(
     )
     ce = F.cross_entropy(logits, labels, reduction="none")
     ce_pos = ce[positive]
-    out = _compose(ce, positive, ce_pos, ce_pos, loc, norm, detach_factors=options.detach_factors)
+    out = _compose(ce, positive, ce_pos, ce_pos, loc, norm, detach_factors=options.detach_factors,
+                   factors=options.factors)
     out.update(_watch(ce_pos, loc, iou, torch.exp(-ce_pos.detach()),
-                      detach_factors=options.detach_factors))
+                      detach_factors=options.detach_factors, counterfactual=not options.factors))
     if options.tc_weight > 0:
         out["task_contrasting"] = _task_contrasting(
             torch.exp(-ce_pos), logits, positive, iou, norm, options, kind="softmax"
@@ -458,10 +487,7 @@ def dense_watch_counterfactual(
             x = select_focal_loss(False, logits.device)(logits, pos_classes, focal_alpha, focal_gamma)
         else:
             x = F.softplus(-gt_logit)
-        y, iou = _localization(
-            box_loss.detach(), pred_boxes.detach(), target_boxes.detach(),
-            hiou=options.hiou, hiou_weight=options.hiou_weight, hiou_gamma=options.hiou_gamma,
-        )
+        y, iou = _options_localization(options, box_loss.detach(), pred_boxes.detach(), target_boxes.detach())
         return _watch(x, y, iou, torch.sigmoid(gt_logit),
                       detach_factors=options.detach_factors, counterfactual=True)
 
@@ -484,10 +510,7 @@ def softmax_watch_counterfactual(
     _check_positive_pieces(pos_labels.numel(), box_loss, pred_boxes, target_boxes)
     with torch.no_grad():
         x = F.cross_entropy(_upcast(pos_logits.detach()), pos_labels, reduction="none")
-        y, iou = _localization(
-            box_loss.detach(), pred_boxes.detach(), target_boxes.detach(),
-            hiou=options.hiou, hiou_weight=options.hiou_weight, hiou_gamma=options.hiou_gamma,
-        )
+        y, iou = _options_localization(options, box_loss.detach(), pred_boxes.detach(), target_boxes.detach())
         return _watch(x, y, iou, torch.exp(-x),
                       detach_factors=options.detach_factors, counterfactual=True)
 

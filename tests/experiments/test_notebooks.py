@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import nbformat
@@ -105,6 +106,13 @@ def test_reproduce_runs_the_profile_in_order_and_passes_results_dir(tmp_path, mo
     assert "train_overrides" not in calls[2][1]  # one job: the training runs keep the default threads
     assert calls[1][1]["grid"] == PROFILES["smoke"]["02_loss_landscapes"][0][1]["grid"]
     assert reproduce._parameter_path(reproduce.ROOT / "results" / "smoke") == str(Path("results", "smoke"))
+    timing = json.loads((tmp_path / "reproduce_timing.json").read_text())
+    assert timing["notebooks"] == len(expected) and "total_wall_minutes" not in timing
+    # make passes the moment it started: the timing then counts from there (environment setup included)
+    assert cli_main(["reproduce", "--profile", "smoke", "--results-dir", str(tmp_path), "--no-progress", "--jobs", "1",
+                     "--started-at", str(time.time() - 600)]) == 0
+    timing = json.loads((tmp_path / "reproduce_timing.json").read_text())
+    assert 10.0 <= timing["total_wall_minutes"] < 11.0 and timing["wall_minutes"] < 1.0
 
 
 def test_reproduce_stops_at_a_failure_unless_keep_going(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from harmonic.losses import (
     aligned_box_iou,
@@ -109,6 +109,37 @@ def test_gt_prob_source_sets_beta_c_to_the_gt_class_probability():
     assert not torch.allclose(out["bbox_regression"], by_loss["bbox_regression"])
 
 
+@pytest.mark.parametrize("iou_loss", ["hiou", "giou"])
+def test_without_factors_the_loss_is_focal_plus_l1_plus_the_iou_term(iou_loss):
+    logits, box_loss, pred, target = _case()
+    options = HarmonicOptions(factors=False, iou_loss=iou_loss)
+    out = dense_harmonic_loss(logits, GT, box_loss, pred, target, num_foreground=3, options=options)
+    focal = focal_loss_per_anchor_reference(logits, GT)
+    term = harmonic_iou_loss(pred, target, gamma=0.8) if iou_loss == "hiou" else generalized_box_iou_loss(pred, target)
+    torch.testing.assert_close(out["classification"], focal.sum() / 3)
+    torch.testing.assert_close(out["bbox_regression"], (box_loss + 1.5 * term).sum() / 3)
+    # the factors the loss would apply are still reported, and the watch marks them as not applied
+    loc = box_loss.detach() + 1.5 * term.detach()
+    torch.testing.assert_close(out["beta_r"], torch.exp(-loc).mean(), check_dtype=False)
+    assert out["watch/counterfactual"].item() == 1.0
+    (out["classification"] + out["bbox_regression"]).backward()
+    torch.testing.assert_close(box_loss.grad, torch.full_like(box_loss, 1 / 3))  # no factor on L_loc
+    logits, box_loss, pred, target = _case()
+    with_factors = dense_harmonic_loss(logits, GT, box_loss, pred, target, num_foreground=3,
+                                       options=HarmonicOptions(iou_loss=iou_loss))
+    assert not torch.allclose(with_factors["bbox_regression"], out["bbox_regression"].detach())
+
+
+def test_softmax_loss_without_factors_is_cross_entropy_plus_l_loc():
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 0, 3, 1])
+    _, box_loss, pred, target = _case()
+    out = softmax_harmonic_loss(logits, labels, box_loss, pred, target, normalizer=5,
+                                options=HarmonicOptions(hiou=False, factors=False))
+    torch.testing.assert_close(out["classification"], F.cross_entropy(logits, labels, reduction="sum") / 5)
+    torch.testing.assert_close(out["bbox_regression"], box_loss.sum() / 5)
+
+
 def test_task_contrasting_term_is_added_outside_the_factors():
     logits, box_loss, pred, target = _case()
     base = dense_harmonic_loss(logits, GT, box_loss, pred, target, num_foreground=3)
@@ -190,6 +221,7 @@ def test_low_precision_logits_give_float32_finite_losses():
         ({"tc_form": "soft"}, "tc_form"),
         ({"beta_c_source": "prob"}, "beta_c_source"),
         ({"tc_weight": float("nan")}, "tc_weight"),
+        ({"iou_loss": "diou"}, "iou_loss"),
     ],
 )
 def test_bad_options_are_rejected_by_name(kwargs, message):

@@ -103,7 +103,14 @@ def test_study_preset_is_opt_in_and_keeps_the_premise():
     data = PRESETS["shapes-study"]
     assert data.max_occlusion > 0 and data.overlap_prob > 0 and data.max_objects >= 2  # occlusion stays
     assert data.image_size == ShapesParams().image_size and data.min_object_size > ShapesParams().min_object_size
-    default = TrainConfig.preset("shapes-cpu")  # the default study is unchanged
-    assert default.dataset == "shapes" and default.max_iters == 3000 and "pretrained_backbone" not in default.detector
-    assert SWEEPS["default"].parameters == {"preset": "shapes-cpu"}
-    assert {p["preset"] for _, p in SWEEPS["study"].runs()} == {"shapes-study"} and len(SWEEPS["study"].runs()) == 12
+    scratch = TrainConfig.preset("shapes-cpu")  # the former default study, from scratch, is kept
+    assert scratch.dataset == "shapes" and scratch.max_iters == 3000 and "pretrained_backbone" not in scratch.detector
+    assert SWEEPS["scratch"].parameters == {"preset": "shapes-cpu"}
+    # make reproduce runs the test bed: three variants, four seeds, seed-major so pairs complete first
+    runs = SWEEPS["default"].runs()
+    assert {p["preset"] for _, p in runs} == {"shapes-study"} and len(runs) == 12
+    assert [p["variant"] for _, p in runs[:3]] == ["baseline", "harmonic_hiou", "harmonic_hiou_detached"]
+    assert {p["seed"] for _, p in runs} == {0, 1, 2, 3}
+    # the attribution and dose sweeps share the test bed and the seeds, so their runs pair with the default's
+    for name in ("attribution", "alpha_dose"):
+        assert SWEEPS[name].parameters == SWEEPS["default"].parameters and SWEEPS[name].seeds == SWEEPS["default"].seeds
