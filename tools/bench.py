@@ -588,11 +588,39 @@ def _setting_batch(
     return images, targets
 
 
+#: ``pretrained_backbone`` of a bench setting that loads a seeded, randomly initialized classification
+#: network as its "pretrained" backbone (the layers freeze as with real weights; the timing is the same)
+RANDOM_BACKBONE = "random-init"
+
+
+def _random_backbone_file(backbone: str, seed: int) -> Path:
+    """A state_dict file of torchvision's classification network of ``backbone`` (``resnet18_fpn`` ->
+    ResNet-18), randomly initialized from ``seed``, in a temporary folder removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import torchvision
+
+    folder = Path(tempfile.mkdtemp(prefix="harmonic-bench-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    torch.manual_seed(seed)
+    network = getattr(torchvision.models, backbone.removesuffix("_fpn"))(weights=None)
+    path = folder / f"{backbone}-random-{seed}.pt"
+    torch.save(network.state_dict(), path)
+    return path
+
+
 def train_step_settings(config: BenchConfig) -> list[dict[str, Any]]:
     """The detectors and batches the training-step section times.
 
+    * ``shapes_study`` (full runs only): the default study's detector, the "shapes-study" preset's (the
+      ``shapes_cpu`` network with its backbone loaded as a pretrained one: BatchNorm frozen, conv1 and layer1
+      frozen). The timing does not depend on the weights, so the backbone file it loads is a seeded,
+      randomly initialized ResNet-18 (:data:`RANDOM_BACKBONE`) rather than the project's pretraining.
     * ``shapes_cpu``: the "shapes-cpu" training preset's detector (RetinaNet ResNet-18-FPN, 160 px, 64 FPN
-      channels, its anchor sizes), batch 2 of shapes images. Quick runs: 64 px, anchors scaled by 64/160.
+      channels, its anchor sizes, trained from scratch), batch 2 of shapes images. Quick runs: 64 px, anchors
+      scaled by 64/160.
     * ``r50_512`` (full runs only): RetinaNet ResNet-50-FPN, torchvision's 256 FPN channels and anchors,
       ``min_size = max_size = 512``, 80 classes, no pretrained weights; batch 2 on CUDA, 1 on the CPU (a
       step there takes seconds), of noise images with :data:`R50_BOXES_PER_IMAGE` random boxes each.
@@ -611,6 +639,8 @@ def train_step_settings(config: BenchConfig) -> list[dict[str, Any]]:
         detector["anchor_sizes"] = [[s * size / preset_size for s in level] for level in preset["anchor_sizes"]]
     settings = [{"name": "shapes_cpu", "detector": detector, "image_size": size, "batch": 2, "data": "shapes"}]
     if not config.quick:
+        study = {**PRESETS["shapes-study"]["detector"], "num_classes": len(CATEGORIES), "pretrained_backbone": RANDOM_BACKBONE}
+        settings.insert(0, {"name": "shapes_study", "detector": study, "image_size": preset_size, "batch": 2, "data": "shapes"})
         settings.append({
             "name": "r50_512",
             "detector": {"arch": "retinanet", "backbone": "resnet50_fpn", "num_classes": R50_CLASSES,
@@ -631,6 +661,8 @@ def _step_models(
 
     models: dict[str, torch.nn.Module] = {}
     state = None
+    if detector.get("pretrained_backbone") == RANDOM_BACKBONE:
+        detector = {**detector, "pretrained_backbone": str(_random_backbone_file(detector["backbone"], seed))}
     for name, loss_fields in (STEP_VARIANTS if variants is None else variants).items():
         torch.manual_seed(seed)
         model = build_detector(DetectorConfig(**detector, **loss_fields))

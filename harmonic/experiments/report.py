@@ -8,7 +8,9 @@ files.
 The steps, in the order notebook 05 shows them: :func:`load_sweep_runs` (the raw data,
 :func:`markdown_runs`), :func:`summarize` (mean and sd over seeds, :func:`markdown_summary`),
 :func:`paired_differences` (same-seed differences with a t-interval, :func:`markdown_differences`),
-:func:`verdict` / :func:`markdown_verdict`, and :func:`markdown_paper` (the paper's numbers beside ours).
+:func:`verdict` / :func:`markdown_verdict`, :func:`attribution` / :func:`markdown_attribution` (which part
+of the method moves AP: paired contrasts between variants, ranked), and :func:`markdown_paper` (the
+paper's numbers beside ours).
 :func:`results_report` runs the same steps and is the only function here that writes files.
 """
 
@@ -26,6 +28,7 @@ from scipy import stats
 from harmonic.evaluation.figures import plot_score_vs_iou
 from harmonic.experiments.figures import plot_metric_vs_param
 from harmonic.experiments.readme import replace_block
+from harmonic.models.head_loss import HarmonicOptions
 from harmonic.theory.reported import MAIN_TABLE
 from harmonic.utils.figures import save_figure
 from harmonic.utils.files import atomic_write_json, atomic_write_text
@@ -127,6 +130,60 @@ def paired_differences(
                 entry["mde"] = minimum_detectable_effect(entry["sd"], int(diffs.size), confidence=confidence)
             out[variant][m] = entry
     return out
+
+
+#: the attribution's contrasts [D]: (what the contrast isolates, variant, reference), each a paired
+#: difference by seed; a contrast is shown when both variants have runs with a common seed
+CONTRASTS: tuple[tuple[str, str, str], ...] = (
+    ("the whole method (Harmonic + HIoU)", "harmonic_hiou", "baseline"),
+    ("the harmonic factors, no IoU term", "harmonic", "baseline"),
+    ("HIoU, given the factors", "harmonic_hiou", "harmonic"),
+    ("HIoU, without the factors", "baseline_hiou", "baseline"),
+    ("torchvision's GIoU, without the factors (control)", "baseline_giou", "baseline"),
+    ("HIoU against GIoU, both without the factors", "baseline_hiou", "baseline_giou"),
+    ("the factors, given HIoU", "harmonic_hiou", "baseline_hiou"),
+    ("the gradient through the factors", "harmonic_hiou", "harmonic_hiou_detached"),
+    ("beta_c from the ground-truth probability instead of the focal loss", "harmonic_hiou_gt_prob", "harmonic_hiou"),
+)
+
+
+def attribution(runs: list[Run], metric: str = "AP", contrasts=CONTRASTS,
+                confidence: float = 0.95) -> list[dict[str, Any]]:
+    """The contrasts of ``contrasts`` that ``runs`` can form, as paired differences of ``metric`` (each
+    as :func:`paired_differences` with the contrast's reference in place of the baseline), ranked by
+    the size of the mean difference. Each row: ``contrast``, ``variant``, ``reference``, ``mean``,
+    ``low``, ``high``, ``n``, ``sd``, ``mde`` and ``excludes_zero`` (None when there is no interval)."""
+    rows = []
+    for label, variant, reference in contrasts:
+        subset = [r for r in runs if r.variant in (variant, reference)]
+        entry = paired_differences(subset, baseline=reference, metrics=(metric,), confidence=confidence)
+        entry = entry.get(variant, {}).get(metric)
+        if not entry or not entry["n"]:
+            continue
+        excludes = None if entry["low"] is None else bool(entry["low"] > 0 or entry["high"] < 0)
+        rows.append({"contrast": label, "variant": variant, "reference": reference, **entry, "excludes_zero": excludes})
+    rows.sort(key=lambda row: -abs(row["mean"]))
+    return rows
+
+
+def markdown_attribution(runs: list[Run], metric: str = "AP") -> str:
+    """The ranked contrasts of :func:`attribution` as a table (AP in points), with one line saying which
+    intervals exclude zero."""
+    rows = attribution(runs, metric)
+    if not rows:
+        return "These sweeps hold no pair of variants that the attribution contrasts compare [D]."
+    scale, digits = _scale(metric)
+    lines = [f"| rank | what the contrast isolates | variant − reference | {METRICS[metric][2]} difference | "
+             "95% CI | pairs | min. detectable | interval excludes 0 |", "|---|---|---|---|---|---|---|---|"]
+    for rank, row in enumerate(rows, 1):
+        ci = "n/a" if row["low"] is None else f"[{row['low'] * scale:+.{digits}f}, {row['high'] * scale:+.{digits}f}]"
+        mde = "n/a" if row["mde"] is None else f"{row['mde'] * scale:.{digits}f}"
+        excludes = {None: "n/a", True: "yes", False: "no"}[row["excludes_zero"]]
+        lines.append(f"| {rank} | {row['contrast']} | `{row['variant']}` − `{row['reference']}` | "
+                     f"{row['mean'] * scale:+.{digits}f} | {ci} | {row['n']} | {mde} | {excludes} |")
+    shown = [row["contrast"] for row in rows if row["excludes_zero"]]
+    lines += ["", "Intervals that exclude zero: " + ("; ".join(shown) if shown else "none") + "."]
+    return "\n".join(lines)
 
 
 def minimum_detectable_effect(sd: float, n: int, *, confidence: float = 0.95, power: float = 0.8) -> float:
@@ -294,7 +351,8 @@ def markdown_verdict(diffs, main_variant: str, baseline: str = "baseline", metri
                      + [f"- {verdict(diffs, m, main_variant)}" for m in metrics])
 
 
-def markdown_paper(summary, diffs, baseline: str = "baseline", main_variant: str = "harmonic_hiou") -> str:
+def markdown_paper(summary, diffs, baseline: str = "baseline", main_variant: str = "harmonic_hiou",
+                   runs: list[Run] | None = None) -> str:
     """The paper's AP table [R], with our paired AP difference of ``main_variant`` as the last row [D]."""
     lines = ["| detector | dataset | baseline AP | with the method | gain | tag |", "|---|---|---|---|---|---|"]
     for r in MAIN_TABLE:
@@ -305,15 +363,39 @@ def markdown_paper(summary, diffs, baseline: str = "baseline", main_variant: str
         base_ap = summary.get(baseline, {}).get("AP", {}).get("mean")
         base_txt = "n/a" if base_ap is None else f"{100 * base_ap:.1f}"
         with_txt = "n/a" if base_ap is None else f"{100 * (base_ap + ours['mean']):.1f}"
-        lines.append(f"| RetinaNet R18-FPN, from scratch (ours) | generated shapes, val | {base_txt} | {with_txt} | "
+        detector, dataset = setting_label(runs)
+        lines.append(f"| {detector} (ours) | {dataset} | {base_txt} | {with_txt} | "
                      f"{100 * ours['mean']:+.1f}{ci} | [D] |")
     return "\n".join(lines)
 
 
+_ARCH_NAMES = {"retinanet": "RetinaNet", "fcos": "FCOS", "faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN",
+               "ssd": "SSD", "refinedet": "RefineDet"}
+_BACKBONE_NAMES = {"resnet18_fpn": "R18-FPN", "resnet50_fpn": "R50-FPN", "mobilenet_v3_fpn": "MobileNetV3-FPN",
+                   "vgg16": "VGG16"}
+
+
+def setting_label(runs: list[Run] | None) -> tuple[str, str]:
+    """``(detector, dataset)`` of the runs' setting, read from the first run's ``config.json``, for the
+    paper table: e.g. ``("RetinaNet R18-FPN, shapes-pretrained backbone", "shapes-study, val")``."""
+    try:
+        config = json.loads((runs[0].folder / "config.json").read_text())["config"]
+        detector = config["detector"]
+    except (TypeError, IndexError, OSError, KeyError, ValueError):
+        return "our detector", "our data, val"
+    arch = _ARCH_NAMES.get(detector.get("arch"), str(detector.get("arch")))
+    backbone = _BACKBONE_NAMES.get(detector.get("backbone"), str(detector.get("backbone")))
+    pretrained = detector.get("pretrained_backbone")
+    origin = {None: "from scratch", "imagenet": "ImageNet backbone", "shapes": "shapes-pretrained backbone"}.get(
+        pretrained, "pretrained backbone")
+    return f"{arch} {backbone}, {origin}", f"{Path(str(config.get('dataset'))).stem}, val"
+
+
 SETTING_NOTE = (
     "Differences of setting: the paper trains ImageNet-pretrained ResNet-50/101 detectors on COCO with "
-    "GPU schedules [R]; our default trains a small RetinaNet from scratch on a generated dataset on a CPU, "
-    "for minutes. A gain there and none here (or the reverse) is not a contradiction by itself."
+    "GPU schedules [R]; our default trains a small RetinaNet (ResNet-18-FPN, its backbone pretrained by the "
+    "project on generated crops) on a generated dataset on a CPU, for minutes (docs/testbed.md). A gain "
+    "there and none here (or the reverse) is not a contradiction by itself."
 )
 
 
@@ -391,6 +473,10 @@ def report_markdown(runs: list[Run], summary, diffs, *, baseline: str = "baselin
         "",
         markdown_verdict(diffs, main_variant, baseline),
         "",
+        "### Which part moves AP? Paired contrasts, ranked [D]",
+        "",
+        markdown_attribution(runs),
+        "",
         "### Did the supplement's assumption hold? [D]",
         "",
         "Eq. 9 [S] takes dF/dx > 0 (a positive's score is pushed up) as basically always true during training; "
@@ -400,7 +486,7 @@ def report_markdown(runs: list[Run], summary, diffs, *, baseline: str = "baselin
         "",
         "### The paper's reported numbers [R], beside ours",
         "",
-        markdown_paper(summary, diffs, baseline, main_variant),
+        markdown_paper(summary, diffs, baseline, main_variant, runs),
         "",
         markdown_setting(runs),
     ])
@@ -419,18 +505,33 @@ def _report_figures(runs, summary, results_dir: Path, baseline: str, main_varian
     if len(pair) == 2:
         fig = plot_score_vs_iou(pair)
         figures.append(save_figure(fig, results_dir / "figures" / "score_vs_iou_side_by_side.png", dpi=dpi))
-    for prefix, param in (("hiou_gamma_", "gamma"), ("hiou_alpha_", "alpha")):
-        swept = {v: summary[v] for v in summary if v.startswith(prefix)}
-        if len(swept) >= 2:
-            xs = sorted(swept, key=lambda v: float(v[len(prefix):]))
+    for param, points in (("gamma", swept_points(summary, "hiou_gamma_")), ("alpha", alpha_points(summary))):
+        if len(points) >= 2 and any(v.startswith("hiou_") for v in points.values()):
+            xs = sorted(points)
             fig = plot_metric_vs_param(
-                [float(v[len(prefix):]) for v in xs],
-                [100 * (swept[v]["AP"]["mean"] or 0.0) for v in xs],
-                [None if swept[v]["AP"]["std"] is None else 100 * swept[v]["AP"]["std"] for v in xs],
+                xs,
+                [100 * (summary[points[x]]["AP"]["mean"] or 0.0) for x in xs],
+                [None if summary[points[x]]["AP"]["std"] is None else 100 * summary[points[x]]["AP"]["std"] for x in xs],
                 "Harmonic + HIoU (ours) [D]", param, metric_name="AP (%)",
             )
             figures.append(save_figure(fig, results_dir / "figures" / f"ap_vs_{param}.png", dpi=dpi))
     return figures
+
+
+def swept_points(summary, prefix: str) -> dict[float, str]:
+    """``{parameter value: variant}`` of the variants named ``prefix + value`` (``hiou_alpha_0.5``)."""
+    return {float(v[len(prefix):]): v for v in summary if v.startswith(prefix)}
+
+
+def alpha_points(summary) -> dict[float, str]:
+    """The HIoU weight's dose-response points: ``hiou_alpha_*``, plus ``harmonic`` (no HIoU: alpha 0) and
+    ``harmonic_hiou`` (the default weight, 1.5) where the runs have them."""
+    points = swept_points(summary, "hiou_alpha_")
+    if "harmonic" in summary:
+        points.setdefault(0.0, "harmonic")
+    if "harmonic_hiou" in summary:
+        points.setdefault(float(HarmonicOptions().hiou_weight), "harmonic_hiou")
+    return points
 
 
 def results_report(
@@ -448,7 +549,8 @@ def results_report(
     ``results_dir/report.json`` and the figures under ``results_dir/figures``; with ``update_readme`` (a
     path to README.md) it replaces the block between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
     Notebook 05 shows the same steps one by one (:func:`load_sweep_runs`, :func:`summarize`,
-    :func:`paired_differences`, :func:`markdown_verdict`, :func:`markdown_paper`) before calling it.
+    :func:`paired_differences`, :func:`markdown_verdict`, :func:`markdown_attribution`,
+    :func:`markdown_paper`) before calling it.
 
     Returns:
         ``{"markdown", "figures", "summary", "differences", "written"}``; ``written`` lists every file written.
@@ -462,7 +564,7 @@ def results_report(
     written = [
         atomic_write_text(results_dir / "report.md", markdown + "\n"),
         atomic_write_json(results_dir / "report.json", {"sweeps": sweeps, "summary": summary, "differences": diffs,
-                                                         "runs": [r.name for r in runs]}),
+                                                         "attribution": attribution(runs), "runs": [r.name for r in runs]}),
     ]
     if update_readme is not None:
         replace_block(update_readme, "results", markdown, figures)

@@ -9,11 +9,14 @@ from harmonic.experiments.report import (
     HEADLINE,
     SETTING_NOTE,
     Run,
+    alpha_points,
+    attribution,
     conclusion,
     describe_runs,
     load_runs,
     load_sweep_runs,
     markdown_assumptions,
+    markdown_attribution,
     markdown_differences,
     markdown_paired,
     markdown_paper,
@@ -24,6 +27,7 @@ from harmonic.experiments.report import (
     paired_differences,
     report_markdown,
     results_report,
+    setting_label,
     summarize,
     verdict,
 )
@@ -203,8 +207,13 @@ def test_markdown_paper_puts_our_paired_gain_beside_the_paper(runs_dir):
     assert lines[2] == "| Faster R-CNN R50-FPN | COCO test-dev | 37.5 | 39.3 | +1.8 | [R] |"
     # ours: baseline mean 31.0, with the method 31.0 + 3.0, paired difference +3.0 with its interval
     half = 100 * 4.302652729911275 * 0.01 / 3**0.5
-    assert lines[-1] == (f"| RetinaNet R18-FPN, from scratch (ours) | generated shapes, val | 31.0 | 34.0 | "
+    assert lines[-1] == (f"| our detector (ours) | our data, val | 31.0 | 34.0 | "
                          f"+3.0 [{3.0 - half:+.1f}, {3.0 + half:+.1f}] | [D] |")
+    # the setting is read from the runs' config
+    (runs[0].folder / "config.json").write_text(json.dumps({"config": {"dataset": "shapes-study", "detector": {
+        "arch": "retinanet", "backbone": "resnet18_fpn", "pretrained_backbone": "shapes"}}}))
+    assert markdown_paper(summary, diffs, "baseline", "harmonic", runs).splitlines()[-1].startswith(
+        "| RetinaNet R18-FPN, shapes-pretrained backbone (ours) | shapes-study, val | 31.0 | 34.0 |")
     assert len(markdown_paper(summary, diffs, "baseline", "missing").splitlines()) == 2 + len(MAIN_TABLE)
 
 
@@ -232,7 +241,8 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
     runs = load_sweep_runs(tmp_path, ["s"])
     summary, diffs = summarize(runs), paired_differences(runs)
     steps = [markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"), markdown_verdict(diffs, "harmonic_hiou"),
-             markdown_assumptions(runs), markdown_paper(summary, diffs, "baseline", "harmonic_hiou"),
+             markdown_attribution(runs), markdown_assumptions(runs),
+             markdown_paper(summary, diffs, "baseline", "harmonic_hiou", runs),
              markdown_setting(runs)]
     md = out["markdown"]
     assert md == report_markdown(runs, summary, diffs)
@@ -245,14 +255,15 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["runs"] == ["b0", "b1", "b2", "h0", "h1", "h2"]
     assert data["differences"]["harmonic_hiou"]["AP"]["mean"] == pytest.approx(0.04)
+    assert [row["contrast"] for row in data["attribution"]] == ["the whole method (Harmonic + HIoU)"]
 
 
 # ----------------------------------------------------------------------------------------------------
 # notebook 05: the steps, each after a sentence, and one writer at the end
 # ----------------------------------------------------------------------------------------------------
 NOTEBOOK_05 = Path(__file__).resolve().parents[2] / "notebooks" / "05_results.ipynb"
-STEPS = ("load_sweep_runs", "summarize", "paired_differences", "markdown_verdict", "markdown_assumptions",
-         "markdown_paper", "results_report")
+STEPS = ("load_sweep_runs", "summarize", "paired_differences", "markdown_verdict", "markdown_attribution",
+         "markdown_assumptions", "markdown_paper", "results_report")
 
 
 def test_results_notebook_shows_each_step_after_a_sentence():
@@ -291,8 +302,8 @@ def test_results_notebook_displays_the_steps_and_writes_the_report(tmp_path):
     runs = load_sweep_runs(tmp_path, ["s"])
     summary, diffs = summarize(runs), paired_differences(runs)
     assert shown == [markdown_runs(runs), markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"),
-                     markdown_verdict(diffs, "harmonic_hiou"), markdown_assumptions(runs),
-                     markdown_paper(summary, diffs, "baseline", "harmonic_hiou"), markdown_setting(runs)]
+                     markdown_verdict(diffs, "harmonic_hiou"), markdown_attribution(runs), markdown_assumptions(runs),
+                     markdown_paper(summary, diffs, "baseline", "harmonic_hiou", runs), markdown_setting(runs)]
     assert "+4.0 [" in shown[2] and "raises AP by 4.0" in shown[3]
     images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1  # score vs IoU, baseline and main variant side by side
@@ -345,3 +356,46 @@ def test_assumption_records_read_the_watch_statistics_of_the_logs(tmp_path):
     assert "| baseline | 1 | 1.000 | 1.000 | 1.000 | 1.000 | counterfactual" in text
     assert "Not logged (runs that predate the watch statistics): old." in text
     assert "cannot be read" in markdown_assumptions([old])
+
+
+# ----------------------------------------------------------------------------------------------------
+# the attribution: paired contrasts between variants, ranked
+# ----------------------------------------------------------------------------------------------------
+def test_attribution_pairs_each_contrast_by_seed_and_ranks_by_size(tmp_path):
+    aps = {"baseline": (0.30, 0.32, 0.31), "harmonic": (0.29, 0.31, 0.30), "harmonic_hiou": (0.25, 0.26, 0.24),
+           "baseline_hiou": (0.26, 0.27, 0.27), "baseline_giou": (0.30, 0.33, 0.31)}
+    for variant, values in aps.items():
+        for seed, ap in enumerate(values):
+            _fake_run(tmp_path, f"{variant}-s{seed}", variant, seed, ap)
+    _fake_run(tmp_path, "harmonic-s7", "harmonic", 7, 0.9)  # no baseline of seed 7: never paired
+    runs = load_sweep_runs(tmp_path, ["s"])
+    rows = attribution(runs)
+    by_contrast = {(r["variant"], r["reference"]): r for r in rows}
+    # hand-computed paired means: harmonic_hiou - baseline = (-.05, -.06, -.07) -> -0.06
+    assert by_contrast[("harmonic_hiou", "baseline")]["mean"] == pytest.approx(-0.06)
+    assert by_contrast[("harmonic", "baseline")]["mean"] == pytest.approx(-0.01) and by_contrast[("harmonic", "baseline")]["n"] == 3
+    assert by_contrast[("harmonic_hiou", "harmonic")]["mean"] == pytest.approx(-0.05)
+    assert by_contrast[("baseline_hiou", "baseline_giou")]["mean"] == pytest.approx((-0.04 - 0.06 - 0.04) / 3)
+    # differences (-0.05, -0.06, -0.07) have sd 0.01: the 95% interval, -0.06 +- 0.025, excludes zero
+    assert by_contrast[("harmonic_hiou", "baseline")]["excludes_zero"] is True
+    assert [abs(r["mean"]) for r in rows] == sorted((abs(r["mean"]) for r in rows), reverse=True)
+    assert ("harmonic_hiou", "harmonic_hiou_detached") not in by_contrast  # no detached runs
+    table = markdown_attribution(runs)
+    assert table.splitlines()[2].startswith("| 1 | the whole method (Harmonic + HIoU) | `harmonic_hiou` − `baseline` | -6.0 |")
+    assert "Intervals that exclude zero: the whole method" in table
+    assert "no pair" in markdown_attribution([r for r in runs if r.variant == "baseline"])
+
+
+def test_alpha_points_take_harmonic_as_zero_and_the_method_at_its_default_weight():
+    summary = {"harmonic": {}, "harmonic_hiou": {}, "hiou_alpha_0.5": {}, "hiou_alpha_1.0": {}, "baseline": {}}
+    assert alpha_points(summary) == {0.0: "harmonic", 0.5: "hiou_alpha_0.5", 1.0: "hiou_alpha_1.0", 1.5: "harmonic_hiou"}
+    assert alpha_points({"hiou_alpha_1.5": {}, "harmonic_hiou": {}}) == {1.5: "hiou_alpha_1.5"}  # the swept run wins
+
+
+def test_setting_label_reads_the_first_runs_config(tmp_path):
+    _fake_run(tmp_path, "b0", "baseline", 0, 0.2)
+    runs = load_sweep_runs(tmp_path, ["s"])
+    assert setting_label(runs) == ("our detector", "our data, val")
+    (runs[0].folder / "config.json").write_text(json.dumps({"config": {"dataset": "data/instances_train2017.json",
+                                                                       "detector": {"arch": "faster_rcnn", "backbone": "resnet50_fpn", "pretrained_backbone": "imagenet"}}}))
+    assert setting_label(runs) == ("Faster R-CNN R50-FPN, ImageNet backbone", "instances_train2017, val")

@@ -24,8 +24,12 @@ def keep_threads():
 
 def test_settings_follow_the_cpu_preset_and_add_resnet50_at_512_only_in_full_runs():
     full = bench.train_step_settings(bench.BenchConfig.for_run(device="cpu"))
-    assert [setting["name"] for setting in full] == ["shapes_cpu", "r50_512"]
-    small, r50 = full
+    assert [setting["name"] for setting in full] == ["shapes_study", "shapes_cpu", "r50_512"]
+    study, small, r50 = full
+    # the default study's detector: the shapes-study preset's, its backbone loaded as a pretrained one
+    assert {key: study["detector"][key] for key in PRESETS["shapes-study"]["detector"] if key != "pretrained_backbone"} == {
+        key: value for key, value in PRESETS["shapes-study"]["detector"].items() if key != "pretrained_backbone"}
+    assert study["detector"]["pretrained_backbone"] == bench.RANDOM_BACKBONE
     preset = PRESETS["shapes-cpu"]["detector"]
     assert {key: small["detector"][key] for key in preset} == preset
     assert small["image_size"] == 160 and small["batch"] == 2 and small["detector"]["num_classes"] == 5
@@ -71,6 +75,19 @@ def test_variants_start_from_the_same_weights_with_their_own_loss():
     assert heads["baseline"].options is None
     assert heads["harmonic_fused"].options.fused is True and heads["harmonic_reference"].options.fused is False
     assert heads["harmonic_fused"].options.hiou is True
+
+
+def test_the_study_setting_freezes_the_backbone_as_a_pretrained_one():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    study = bench.train_step_settings(bench.BenchConfig.for_run(device="cpu"))[0]
+    (model,) = bench._step_models(study["detector"], torch.device("cpu"), seed=0, variants={"plain": {"loss": "baseline"}}).values()
+    body = model.backbone.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and not body.conv1.weight.requires_grad
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer4.parameters() if p.dim() > 1)
+    again = bench._step_models(study["detector"], torch.device("cpu"), seed=0, variants={"plain": {"loss": "baseline"}})
+    assert torch.equal(again["plain"].backbone.body.layer4[0].conv1.weight, body.layer4[0].conv1.weight)  # seeded
 
 
 @pytest.mark.slow
