@@ -950,7 +950,7 @@ def engine_step_section(config: BenchConfig) -> dict[str, Any]:
 
 def precision_accuracy_section(config: BenchConfig, results_dir: Path = Path("results")) -> dict[str, Any]:
     """The accuracy check of the engine's fast path, read from finished runs (it trains nothing): COCO AP of
-    the default study's baseline in float32 (sweep ``precision_fp32``) and with bfloat16 autocast and
+    the from-scratch study's baseline (shapes-cpu) in float32 (sweep ``precision_fp32``) and with bfloat16 autocast and
     channels_last (``precision_bf16``), seed by seed, the mean difference and the float32 seeds' spread."""
     import json
     import statistics
@@ -974,7 +974,7 @@ def precision_accuracy_section(config: BenchConfig, results_dir: Path = Path("re
             "within_seed_noise": None if spread is None else abs(statistics.fmean(diffs)) <= spread,
         })
     return {
-        "title": "accuracy of the fast path: the default study's baseline, bfloat16 + channels_last against float32",
+        "title": "accuracy of the fast path: the from-scratch study's baseline (shapes-cpu), bfloat16 + channels_last against float32",
         "rows": rows,
         "summary": summary,
         "notes": ["AP in percent, from results/runs/precision_*-baseline-s*/metrics.json (make sweep "
@@ -1168,7 +1168,7 @@ def readme_markdown(result: dict, json_path: Path) -> str:
     if accuracy and accuracy["summary"]:
         row = accuracy["summary"][0]
         spread = "n/a" if row["sd_AP_fp32_over_seeds"] is None else f"{row['sd_AP_fp32_over_seeds']:.2f}"
-        lines += ["Accuracy of the fast path (the default study's baseline, full runs, same seeds) [D]: COCO AP "
+        lines += ["Accuracy of the fast path (the from-scratch study's baseline, shapes-cpu, full runs, same seeds) [D]: COCO AP "
                   f"{row['mean_AP_bf16']:.2f} with bfloat16 + channels_last against {row['mean_AP_fp32']:.2f} in "
                   f"float32 over {row['seeds']} seeds; mean difference {row['mean_difference']:+.2f} AP, float32 "
                   f"seed-to-seed sd {spread} AP."]

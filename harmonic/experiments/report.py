@@ -505,7 +505,8 @@ def _report_figures(runs, summary, results_dir: Path, baseline: str, main_varian
     if len(pair) == 2:
         fig = plot_score_vs_iou(pair)
         figures.append(save_figure(fig, results_dir / "figures" / "score_vs_iou_side_by_side.png", dpi=dpi))
-    for param, points in (("gamma", swept_points(summary, "hiou_gamma_")), ("alpha", alpha_points(summary))):
+    for param in ("gamma", "alpha"):
+        points = param_points(summary, param)
         if len(points) >= 2 and any(v.startswith("hiou_") for v in points.values()):
             xs = sorted(points)
             fig = plot_metric_vs_param(
@@ -518,19 +519,17 @@ def _report_figures(runs, summary, results_dir: Path, baseline: str, main_varian
     return figures
 
 
-def swept_points(summary, prefix: str) -> dict[float, str]:
-    """``{parameter value: variant}`` of the variants named ``prefix + value`` (``hiou_alpha_0.5``)."""
-    return {float(v[len(prefix):]): v for v in summary if v.startswith(prefix)}
-
-
-def alpha_points(summary) -> dict[float, str]:
-    """The HIoU weight's dose-response points: ``hiou_alpha_*``, plus ``harmonic`` (no HIoU: alpha 0) and
-    ``harmonic_hiou`` (the default weight, 1.5) where the runs have them."""
-    points = swept_points(summary, "hiou_alpha_")
-    if "harmonic" in summary:
+def param_points(summary, param: str) -> dict[float, str]:
+    """``{value: variant}`` of the HIoU parameter ``param`` ("alpha" or "gamma") over the variants of
+    ``summary``: the swept ``hiou_<param>_<value>`` runs, ``harmonic_hiou`` at the default value (alpha 1.5,
+    gamma 0.8) and, for alpha, ``harmonic`` (no HIoU term) as 0. A swept run wins over the others."""
+    prefix = f"hiou_{param}_"
+    points = {float(v[len(prefix):]): v for v in summary if v.startswith(prefix)}
+    if param == "alpha" and "harmonic" in summary:
         points.setdefault(0.0, "harmonic")
     if "harmonic_hiou" in summary:
-        points.setdefault(float(HarmonicOptions().hiou_weight), "harmonic_hiou")
+        points.setdefault(float(getattr(HarmonicOptions(), f"hiou_{'weight' if param == 'alpha' else 'gamma'}")),
+                          "harmonic_hiou")
     return points
 
 

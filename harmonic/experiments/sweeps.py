@@ -79,42 +79,49 @@ class Sweep:
         return out
 
 
+#: the test bed every loss sweep shares (docs/testbed.md): the shapes-study data, RetinaNet R18-FPN with a
+#: shapes-pretrained backbone, 2400 iterations; four seeds, so the sweeps' runs pair by seed
+TEST_BED: dict[str, Any] = {"preset": "shapes-study"}
+TEST_BED_SEEDS = (0, 1, 2, 3)
+
 SWEEPS: dict[str, Sweep] = {
     s.name: s
     for s in (
-        Sweep("ablation", ("baseline", "harmonic", "harmonic_tc", "harmonic_tc_iou", "harmonic_tc_hiou"),
-              description="the paper's ablation rows [R], on RetinaNet and the embedded default"),
-        Sweep("method", ("baseline", "harmonic_hiou"), description="baseline vs Harmonic + HIoU"),
-        Sweep("gamma", tuple(f"hiou_gamma_{g}" for g in (0.2, 0.4, 0.6, 0.8, 1.0)),
-              description="HIoU focusing parameter gamma (0.8 reported best [R])"),
-        Sweep("alpha", tuple(f"hiou_alpha_{a}" for a in (0.5, 1.0, 1.5, 2.0)),
-              description="HIoU weight alpha (1.5 reported best [R])"),
-        Sweep("factors", ("baseline", "harmonic_hiou", "harmonic_hiou_detached"),
-              description="harmonic factors differentiated through (supplement [S]) vs detached"),
-        Sweep("beta_c", ("baseline", "harmonic_hiou", "harmonic_hiou_gt_prob"),
-              description="beta_c for sigmoid heads: from the focal loss vs the ground-truth probability"),
-        Sweep("comparison", ("baseline", "harmonic_hiou", "qfl", "varifocal", "iou_balanced"),
-              description="Harmonic + HIoU vs the quality focal, varifocal and IoU-balanced losses [D], each a "
-              "loss-only swap in the same RetinaNet"),
-        # what `make reproduce` runs: the test bed of docs/testbed.md (shapes-study data, a shapes-pretrained
-        # ResNet-18-FPN RetinaNet, 2400 iterations), the method with its factors differentiated through and
-        # detached against the baseline, 4 seeds each (seed-major: complete pairs first)
-        Sweep("default", ("baseline", "harmonic_hiou", "harmonic_hiou_detached"), seeds=(0, 1, 2, 3),
-              parameters={"preset": "shapes-study"},
+        # what `make reproduce` runs: the method with its factors differentiated through and detached
+        # against the baseline (seed-major: complete pairs first). The sweeps after it add only variants it
+        # lacks: their runs pair with its baseline by seed, and each variant is run once, so a report over
+        # several of them (notebook 05's `sweeps`) pairs every run exactly once.
+        Sweep("default", ("baseline", "harmonic_hiou", "harmonic_hiou_detached"), seeds=TEST_BED_SEEDS,
+              parameters=TEST_BED,
               description="make reproduce: baseline vs Harmonic + HIoU (factors through and detached), RetinaNet "
               "R18-FPN with a shapes-pretrained backbone on the shapes-study data"),
-        # the attribution of the default study's difference (its baseline and Harmonic + HIoU runs pair with
-        # these by seed): which part of the method moves AP, and does any IoU-type term do the same here?
-        Sweep("attribution", ("harmonic", "baseline_hiou", "baseline_giou"), seeds=(0, 1, 2, 3),
-              parameters={"preset": "shapes-study"},
+        # which part of the method moves AP, and does any IoU-type term do the same here?
+        Sweep("attribution", ("harmonic", "baseline_hiou", "baseline_giou"), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
               description="Harmonic without HIoU; focal + L1 + 1.5 HIoU without factors; focal + L1 + 1.5 GIoU "
-              "(torchvision's) without factors, on the default study's test bed"),
-        # the HIoU weight as a dose-response on the test bed: alpha 0 is the attribution's `harmonic`, 1.5 the
-        # default study's `harmonic_hiou` (each variant is run once, so pairs by seed stay unique)
-        Sweep("alpha_dose", ("hiou_alpha_0.5", "hiou_alpha_1.0"), seeds=(0, 1, 2, 3),
-              parameters={"preset": "shapes-study"},
-              description="Harmonic with the HIoU weight alpha 0.5 and 1 on the test bed (0: attribution's harmonic, "
-              "1.5: the default study)"),
+              "(torchvision's) without factors"),
+        # the HIoU weight as a dose-response: alpha 0 is the attribution's `harmonic`, 1.5 the default's
+        # `harmonic_hiou` (1.5 reported best [R])
+        Sweep("alpha", tuple(f"hiou_alpha_{a}" for a in (0.5, 1.0, 2.0)), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
+              description="Harmonic + HIoU with the HIoU weight alpha 0.5, 1 and 2 (0 and 1.5: attribution, default)"),
+        # the HIoU focusing parameter: 0.8 is the default's `harmonic_hiou` (0.8 reported best [R])
+        Sweep("gamma", tuple(f"hiou_gamma_{g}" for g in (0.2, 0.4, 0.6, 1.0)), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
+              description="HIoU focusing parameter gamma 0.2 to 1 (0.8: the default study)"),
+        # the paper's ablation rows [R] on RetinaNet: + task-contrasting, + IoU loss, HIoU instead of IoU (the
+        # baseline and `harmonic` rows: default and attribution)
+        Sweep("ablation", ("harmonic_tc", "harmonic_tc_iou", "harmonic_tc_hiou"), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
+              description="the paper's ablation rows [R] on RetinaNet (baseline and + Harmonic: default, attribution)"),
+        Sweep("beta_c", ("harmonic_hiou_gt_prob",), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
+              description="beta_c of the sigmoid head from the ground-truth probability instead of the focal loss"),
+        Sweep("comparison", ("qfl", "varifocal", "iou_balanced"), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
+              description="the quality focal, varifocal and IoU-balanced losses [D], each a loss-only swap in the "
+              "same RetinaNet (against default's baseline and Harmonic + HIoU)"),
+        # the paper's ablation detector [R]: softmax cross-entropy makes beta_c = p exactly (Eq. 4). Its RPN
+        # and RoI heads on the same backbone, data and schedule; one anchor of 2 x stride per FPN level
+        # (P2-P6, strides 4-64), the test bed's rule for its objects of 40-112 px [D]
+        Sweep("faster_rcnn_ablation", ("baseline", "harmonic", "harmonic_tc", "harmonic_tc_iou", "harmonic_tc_hiou"),
+              seeds=TEST_BED_SEEDS, archs=("faster_rcnn",), parameters=TEST_BED,
+              arch_overrides={"faster_rcnn": {"anchor_sizes": [[8], [16], [32], [64], [128]]}},
+              description="the paper's ablation rows [R] on Faster R-CNN R18-FPN on the test bed"),
         # the former default study: RetinaNet R18-FPN from scratch on the harder shapes data, 3000 iterations
         Sweep("scratch", ("baseline", "harmonic_hiou"), seeds=(0, 1, 2), parameters={"preset": "shapes-cpu"},
               description="baseline vs Harmonic + HIoU, RetinaNet R18-FPN from scratch on the shapes data"),
@@ -131,10 +138,10 @@ SWEEPS: dict[str, Sweep] = {
         # the engine's fast path against float32, same runs otherwise (the accuracy check of make bench)
         Sweep("precision_fp32", ("baseline",), seeds=(0, 1),
               parameters={"preset": "shapes-cpu", "train_overrides": {"amp": "off", "channels_last": False}},
-              description="the default study's baseline in float32 (the reference of the precision check)"),
+              description="the from-scratch study's baseline in float32 (the reference of the precision check)"),
         Sweep("precision_bf16", ("baseline",), seeds=(0, 1),
               parameters={"preset": "shapes-cpu", "train_overrides": {"amp": "bf16", "channels_last": True}},
-              description="the default study's baseline with bfloat16 autocast and channels_last"),
+              description="the from-scratch study's baseline with bfloat16 autocast and channels_last"),
         # PASCAL VOC07+12 (make reproduce PROFILE=voc VOC_ROOT=...); the paper's VOC settings are not
         # known [R], so the recipe is a standard one [D] (harmonic.engine.config PRESETS["voc"])
         Sweep("voc", ("baseline", "harmonic_hiou"), seeds=(0,), parameters={"preset": "voc", "nproc_per_node": "auto"},
@@ -143,7 +150,8 @@ SWEEPS: dict[str, Sweep] = {
         # [D]; RefineDet gets one anchor of 2 x stride on its 4 levels, the preset's rule for small
         # shapes on 160 px images (the RefineDet paper: 4 x stride on 320 / 512 px images [R]) [D]
         Sweep("detectors", ("baseline", "harmonic_hiou"), archs=("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssd", "refinedet"),
-              description="the loss on each detector family",
+              parameters={"preset": "shapes-cpu"},
+              description="the loss on each detector family, from scratch on the shapes data",
               arch_overrides={"fcos": {"anchor_sizes": None}, "ssd": {"anchor_sizes": None},
                               "refinedet": {"anchor_sizes": [[16], [32], [64], [128]]}}),
     )

@@ -163,8 +163,8 @@ def test_sweep_option_runs_the_named_sweep(tmp_path, monkeypatch, capsys):
         return {"sweep": sweep.name, "runs": {"a": {"status": "done"}, "b": {"status": "failed"}}}
 
     monkeypatch.setattr(reproduce, "run_sweep", fake_run_sweep)
-    assert cli_main(["reproduce", "--sweep", "method", "--results-dir", str(tmp_path)]) == 1
-    assert seen == [("method", str(tmp_path.resolve()))] and "['b']" in capsys.readouterr().err
+    assert cli_main(["reproduce", "--sweep", "attribution", "--results-dir", str(tmp_path)]) == 1
+    assert seen == [("attribution", str(tmp_path.resolve()))] and "['b']" in capsys.readouterr().err
     assert cli_main(["reproduce", "--sweep", "nope"]) == 2
 
 

@@ -9,7 +9,6 @@ from harmonic.experiments.report import (
     HEADLINE,
     SETTING_NOTE,
     Run,
-    alpha_points,
     attribution,
     conclusion,
     describe_runs,
@@ -25,6 +24,7 @@ from harmonic.experiments.report import (
     markdown_summary,
     markdown_verdict,
     paired_differences,
+    param_points,
     report_markdown,
     results_report,
     setting_label,
@@ -386,10 +386,12 @@ def test_attribution_pairs_each_contrast_by_seed_and_ranks_by_size(tmp_path):
     assert "no pair" in markdown_attribution([r for r in runs if r.variant == "baseline"])
 
 
-def test_alpha_points_take_harmonic_as_zero_and_the_method_at_its_default_weight():
-    summary = {"harmonic": {}, "harmonic_hiou": {}, "hiou_alpha_0.5": {}, "hiou_alpha_1.0": {}, "baseline": {}}
-    assert alpha_points(summary) == {0.0: "harmonic", 0.5: "hiou_alpha_0.5", 1.0: "hiou_alpha_1.0", 1.5: "harmonic_hiou"}
-    assert alpha_points({"hiou_alpha_1.5": {}, "harmonic_hiou": {}}) == {1.5: "hiou_alpha_1.5"}  # the swept run wins
+def test_param_points_take_harmonic_as_alpha_zero_and_the_method_at_its_defaults():
+    summary = {"harmonic": {}, "harmonic_hiou": {}, "hiou_alpha_0.5": {}, "hiou_alpha_1.0": {}, "baseline": {},
+               "hiou_gamma_0.2": {}}
+    assert param_points(summary, "alpha") == {0.0: "harmonic", 0.5: "hiou_alpha_0.5", 1.0: "hiou_alpha_1.0", 1.5: "harmonic_hiou"}
+    assert param_points(summary, "gamma") == {0.2: "hiou_gamma_0.2", 0.8: "harmonic_hiou"}
+    assert param_points({"hiou_alpha_1.5": {}, "harmonic_hiou": {}}, "alpha") == {1.5: "hiou_alpha_1.5"}  # swept wins
 
 
 def test_setting_label_reads_the_first_runs_config(tmp_path):

@@ -1,6 +1,14 @@
 import json
 
-from harmonic.experiments.sweeps import SWEEPS, VARIANTS, Sweep, failed_runs, run_sweep
+from harmonic.experiments.sweeps import (
+    SWEEPS,
+    TEST_BED,
+    TEST_BED_SEEDS,
+    VARIANTS,
+    Sweep,
+    failed_runs,
+    run_sweep,
+)
 from harmonic.models import DetectorConfig
 
 
@@ -24,17 +32,45 @@ def test_every_variant_is_a_valid_detector_config_for_its_sweeps_archs():
 
 def test_comparison_sweep_swaps_only_the_loss_on_retinanet():
     sweep = SWEEPS["comparison"]
-    assert sweep.variants == ("baseline", "harmonic_hiou", "qfl", "varifocal", "iou_balanced")
+    assert sweep.variants == ("qfl", "varifocal", "iou_balanced")
     assert sweep.archs == ("retinanet",)
     for kind in ("qfl", "varifocal", "iou_balanced"):
         assert VARIANTS[kind] == {"loss": kind}
-    assert len(sweep.runs()) == 5 * 3
+    assert len(sweep.runs()) == 3 * 4
 
 
 def test_ablation_rows_are_cumulative():
-    rows = [VARIANTS[v] for v in SWEEPS["ablation"].variants]
-    assert rows[0] == {"loss": "baseline"}
+    rows = [VARIANTS[v] for v in SWEEPS["faster_rcnn_ablation"].variants]
+    assert rows[0] == {"loss": "baseline"} and rows[1] == {"loss": "harmonic", "hiou": False}
     assert rows[2]["tc_weight"] > 0 and rows[3]["hiou_gamma"] == 0.0 and rows[4]["hiou_gamma"] == 0.8
+    # on RetinaNet the first two rows are the default study's baseline and the attribution's harmonic
+    assert SWEEPS["ablation"].variants == SWEEPS["faster_rcnn_ablation"].variants[2:]
+    assert "baseline" in SWEEPS["default"].variants and "harmonic" in SWEEPS["attribution"].variants
+
+
+def test_the_retinanet_sweeps_on_the_test_bed_pair_by_seed_and_run_each_variant_once():
+    on_bed = [s for s in SWEEPS.values() if s.parameters == TEST_BED and s.archs == ("retinanet",)]
+    assert {s.name for s in on_bed} == {"default", "attribution", "alpha", "gamma", "ablation", "beta_c", "comparison"}
+    seen: dict[str, str] = {}
+    for sweep in on_bed:
+        assert sweep.seeds == TEST_BED_SEEDS
+        for variant in sweep.variants:
+            assert variant not in seen, f"{variant} in both {seen.get(variant)} and {sweep.name}"
+            seen[variant] = sweep.name
+    # the attribution's controls: the IoU-type term without the factors, HIoU and torchvision's GIoU
+    assert VARIANTS["baseline_hiou"] == {"loss": "harmonic", "hiou": True, "factors": False}
+    assert VARIANTS["baseline_giou"] == {"loss": "harmonic", "hiou": True, "iou_loss": "giou", "factors": False}
+
+
+def test_faster_rcnn_ablation_builds_valid_configs_on_the_test_bed():
+    from harmonic.experiments.run import RunSpec, build_run_config  # the engine pulls in torch
+
+    runs = SWEEPS["faster_rcnn_ablation"].runs()
+    assert len(runs) == 5 * 4
+    for _, params in runs:
+        config = build_run_config(RunSpec.from_dict(params))
+        assert config.detector["arch"] == "faster_rcnn" and config.detector["pretrained_backbone"] == "shapes"
+        assert config.detector["anchor_sizes"] == [[8], [16], [32], [64], [128]]
 
 
 def test_run_sweep_skips_finished_and_survives_failures(tmp_path):
