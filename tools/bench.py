@@ -38,6 +38,7 @@ machine it explains most of the spread between runs.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -1067,6 +1068,9 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "bench") 
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the run (default: torch's own choice)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other sections of an existing --out file and replace only the ones run "
+                             "(each section records when it was measured)")
     parser.add_argument("--readme", type=Path, default=None,
                         help="also refresh the measured ratios in this README's bench block")
     compile_group = parser.add_mutually_exclusive_group()
@@ -1094,7 +1098,8 @@ def run(args: argparse.Namespace, command_name: str = "bench") -> int:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    sections = {}
+    sections = _previous_sections(args.out) if getattr(args, "merge", False) else {}
+    record = provenance(asdict(config), seed=config.seed, device=device)
     for name in names:
         load_before = _load_average()
         sections[name] = SECTIONS[name](config)
@@ -1102,9 +1107,10 @@ def run(args: argparse.Namespace, command_name: str = "bench") -> int:
             "torch_threads": torch.get_num_threads(),
             "load_average_1min_before": load_before,
             "load_average_1min_after": _load_average(),
+            "measured": record["created"],
+            "commit": record.get("git", {}).get("commit"),
         }
         print(format_tables(name, sections[name]), flush=True)
-    record = provenance(asdict(config), seed=config.seed, device=device)
     # ``python -m`` puts this file's absolute path in argv[0]: keep the machine's paths out of results
     record["argv"] = ["python tools/bench.py", *[str(arg) for arg in getattr(args, "argv", sys.argv[1:])]]
     result = {"provenance": record, "sections": sections}
@@ -1115,6 +1121,17 @@ def run(args: argparse.Namespace, command_name: str = "bench") -> int:
         replace_block(args.readme, "bench", readme_markdown(result, Path(args.out)))
         print(f"refreshed the bench block of {args.readme}")
     return 0
+
+
+def _previous_sections(path: Path) -> dict[str, Any]:
+    """The sections of an earlier ``--out`` file (``--merge``), in the order of :data:`SECTIONS`."""
+    if not Path(path).is_file():
+        return {}
+    try:
+        sections = json.loads(Path(path).read_text())["sections"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--merge: {path} is not a bench result ({err}); run without --merge to replace it") from err
+    return {name: sections[name] for name in SECTIONS if name in sections}
 
 
 def readme_markdown(result: dict, json_path: Path) -> str:
@@ -1129,6 +1146,10 @@ def readme_markdown(result: dict, json_path: Path) -> str:
         lines[0] += (f" The machine was busy during this run (1-minute load average up to {max(loads):.1f} "
                      f"against {threads} thread(s)): ratios are measured side by side in interleaved rounds, "
                      "but contention moves them; rerun `make bench` on a quiet machine before quoting them.")
+    measured = {name: section["machine"].get("measured") for name, section in result["sections"].items()}
+    if len(set(measured.values())) > 1:
+        lines[0] += (" The sections were measured in separate runs (`--merge`): "
+                     + ", ".join(f"{name} at {when or 'an unrecorded time'}" for name, when in measured.items()) + ".")
     lines.append("")
     dense = result["sections"].get("dense_loss")
     if dense:

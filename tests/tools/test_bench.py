@@ -165,3 +165,33 @@ def test_readme_block_shows_the_measured_ratios(tmp_path):
     (tmp_path / "plain.md").write_text("no block")
     with pytest.raises(ValueError, match="bench:begin"):
         replace_block(tmp_path / "plain.md", "bench", "x")
+
+
+def test_merge_replaces_only_the_sections_run_and_the_readme_says_when_each_was_measured(tmp_path, monkeypatch, keep_threads):
+    from bench import readme_markdown
+
+    out = tmp_path / "bench.json"
+    old = {"provenance": {"device": {"device": "cpu"}}, "sections": {
+        "dense_loss": {"machine": {"torch_threads": 1, "measured": "2026-01-01T00:00:00+00:00"}, "summary": [
+            {"scale": 1.0, "anchors": 100000, "fused_backend": "native", "harmonic_fused_over_stock": 0.2,
+             "harmonic_fused_over_sigmoid": 3.0, "harmonic_reference_over_stock": 0.8}]},
+        "engine_step": {"machine": {"torch_threads": 1}, "summary": [{"stale": True}]}}}
+    out.write_text(json.dumps(old))
+    fresh = {"summary": [{"setting": "s", "target_speedup": 2.0, "autocast_dtype": "bfloat16", "channels_last": True,
+                          "engine_over_plain_images_per_s": 2.5, "peak_engine_over_plain": 0.9}]}
+    monkeypatch.setitem(bench.SECTIONS, "engine_step", lambda config: json.loads(json.dumps(fresh)))
+    assert bench.main(["--out", str(out), "--sections", "engine_step", "--quick", "--merge", "--threads", "1"]) == 0
+    merged = json.loads(out.read_text())
+    assert list(merged["sections"]) == ["dense_loss", "engine_step"]
+    assert merged["sections"]["dense_loss"] == old["sections"]["dense_loss"]  # kept as it was
+    assert merged["sections"]["engine_step"]["summary"] == fresh["summary"]
+    assert merged["sections"]["engine_step"]["machine"]["measured"] == merged["provenance"]["created"]
+    text = readme_markdown(merged, out)
+    assert "measured in separate runs" in text and "dense_loss at 2026-01-01T00:00:00+00:00" in text
+    assert "| s | bfloat16 | True | 2.50 | 0.900 |" in text
+    # without --merge the file holds only the sections run
+    assert bench.main(["--out", str(out), "--sections", "engine_step", "--quick", "--threads", "1"]) == 0
+    assert list(json.loads(out.read_text())["sections"]) == ["engine_step"]
+    out.write_text("not json")
+    with pytest.raises(SystemExit, match="not a bench result"):
+        bench.main(["--out", str(out), "--sections", "engine_step", "--quick", "--merge"])
