@@ -144,6 +144,7 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("the factors, given HIoU", "harmonic_hiou", "baseline_hiou"),
     ("the gradient through the factors", "harmonic_hiou", "harmonic_hiou_detached"),
     ("beta_c from the ground-truth probability instead of the focal loss", "harmonic_hiou_gt_prob", "harmonic_hiou"),
+    ("the consistent cross-entropy in the factor and its term", "harmonic_hiou_gt_ce", "harmonic_hiou"),
 )
 
 

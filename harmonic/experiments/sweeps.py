@@ -32,6 +32,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "harmonic_hiou": {"loss": "harmonic", "hiou": True},
     "harmonic_hiou_detached": {"loss": "harmonic", "hiou": True, "detach_factors": True},
     "harmonic_hiou_gt_prob": {"loss": "harmonic", "hiou": True, "beta_c_source": "gt_prob"},
+    "harmonic_hiou_gt_ce": {"loss": "harmonic", "hiou": True, "beta_c_source": "gt_ce"},
     # attribution controls [D]: the IoU-type term without the harmonic factors (focal + L1 + 1.5 HIoU, and the
     # same with torchvision's GIoU loss in HIoU's place): does any IoU-type term move AP here, or HIoU as built?
     "baseline_hiou": {"loss": "harmonic", "hiou": True, "factors": False},
@@ -110,8 +111,9 @@ SWEEPS: dict[str, Sweep] = {
         # baseline and `harmonic` rows: default and attribution)
         Sweep("ablation", ("harmonic_tc", "harmonic_tc_iou", "harmonic_tc_hiou"), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
               description="the paper's ablation rows [R] on RetinaNet (baseline and + Harmonic: default, attribution)"),
-        Sweep("beta_c", ("harmonic_hiou_gt_prob",), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
-              description="beta_c of the sigmoid head from the ground-truth probability instead of the focal loss"),
+        Sweep("beta_c", ("harmonic_hiou_gt_prob", "harmonic_hiou_gt_ce"), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
+              description="beta_c of the sigmoid head from the ground-truth probability instead of the focal loss, "
+              "and the consistent cross-entropy (the same -log sigmoid(x_gt) in the factor and in its term)"),
         Sweep("comparison", ("qfl", "varifocal", "iou_balanced"), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
               description="the quality focal, varifocal and IoU-balanced losses [D], each a loss-only swap in the "
               "same RetinaNet (against default's baseline and Harmonic + HIoU)"),

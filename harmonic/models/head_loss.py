@@ -55,7 +55,7 @@ __all__ = [
     "split_losses_and_stats",
 ]
 
-BETA_C_SOURCES = ("loss", "gt_prob")
+BETA_C_SOURCES = ("loss", "gt_prob", "gt_ce")
 COMPARISON_LOSSES = ("qfl", "varifocal", "iou_balanced")
 #: the IoU-type term added to L_loc: the Harmonic IoU loss (Eq. 11) or torchvision's GIoU loss (a control)
 IOU_LOSSES = ("hiou", "giou")
@@ -75,8 +75,11 @@ class HarmonicOptions:
     alpha = 1.5, gamma = 0.8 reported R]. ``tc_weight`` / ``tc_margin`` / ``tc_form``: the task-contrasting
     term [R], off when ``tc_weight == 0``. ``detach_factors``: constant factors (ablation [R]).
     ``beta_c_source``: what defines ``beta_c`` of a sigmoid head, ``"loss"`` (``CE_i`` := the anchor's
-    focal loss summed over the K classes, what one third-party port did [R]) or ``"gt_prob"``
-    (``beta_c := sigmoid(x_gt)`` [D]); a softmax head has ``beta_c = p_i`` either way (Eq. 4).
+    focal loss summed over the K classes, what one third-party port did [R]), ``"gt_prob"``
+    (``beta_c := sigmoid(x_gt)`` [D]) or ``"gt_ce"`` (consistent cross-entropy [D]: ``x = -log sigmoid(x_gt)``
+    both in ``beta_c = e^-x`` and as the term ``(1 + beta_r)`` multiplies, in place of the ground-truth
+    entry's focal loss; the anchor's other entries keep theirs); a softmax head has ``beta_c = p_i`` either
+    way (Eq. 4).
     ``fused``: per-anchor focal implementation for sigmoid heads (False: reference, True:
     :func:`harmonic.ops.focal.focal_loss_per_anchor`, None: the fused one where it is faster).
     ``iou_loss``: the IoU-type term that ``hiou`` adds, ``"hiou"`` (Eq. 11, focusing ``hiou_gamma``) or
@@ -384,6 +387,13 @@ def dense_harmonic_loss(
         factor_cls = focal_pos  # CE_i := focal loss summed over classes [R]
     else:
         factor_cls = F.softplus(-gt_logit)  # -log sigmoid(x_gt), so beta_c = sigmoid(x_gt) [D]
+    if options.beta_c_source == "gt_ce":
+        # the positives' ground-truth entry: its cross-entropy x in place of its focal loss, so the term the
+        # factor (1 + beta_r) multiplies is the same x that defines beta_c [D]
+        weight = focal_alpha if focal_alpha >= 0 else 1.0
+        focal_gt = weight * (1.0 - torch.sigmoid(gt_logit)).pow(focal_gamma) * factor_cls
+        focal = focal.index_add(0, positive, factor_cls - focal_gt)
+        focal_pos = factor_cls
     out = _compose(focal, positive, focal_pos, factor_cls, loc, normalizer, detach_factors=options.detach_factors,
                    factors=options.factors)
     out.update(_watch(factor_cls, loc, iou, torch.sigmoid(gt_logit.detach()),

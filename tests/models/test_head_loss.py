@@ -140,6 +140,25 @@ def test_softmax_loss_without_factors_is_cross_entropy_plus_l_loc():
     torch.testing.assert_close(out["bbox_regression"], box_loss.sum() / 5)
 
 
+def test_gt_ce_source_uses_the_same_cross_entropy_in_the_factor_and_its_term():
+    logits, box_loss, pred, target = _case()
+    out = dense_harmonic_loss(logits, GT, box_loss, pred, target, num_foreground=3,
+                              options=HarmonicOptions(hiou=False, beta_c_source="gt_ce"))
+    positive = torch.where(GT >= 0)[0]
+    z = logits[positive, GT[positive]]
+    x = F.softplus(-z)  # -log sigmoid(z_gt)
+    focal = focal_loss_per_anchor_reference(logits, GT)
+    focal_gt = 0.25 * (1 - torch.sigmoid(z)) ** 2 * x  # the ground-truth entry's focal loss
+    beta_r = torch.exp(-box_loss)
+    expected_cls = (focal.sum() - focal_gt.sum() + ((1 + beta_r) * x).sum()) / 3
+    torch.testing.assert_close(out["classification"], expected_cls)
+    torch.testing.assert_close(out["bbox_regression"], ((1 + torch.exp(-x)) * box_loss).sum() / 3)
+    # d classification / d z_gt: -(1 - p) (1 + beta_r) / n from the cross-entropy, not the focal entry's
+    grad = torch.autograd.grad(out["classification"], logits)[0]
+    p = torch.sigmoid(z.detach())
+    torch.testing.assert_close(grad[positive, GT[positive]], -(1 - p) * (1 + beta_r.detach()) / 3)
+
+
 def test_task_contrasting_term_is_added_outside_the_factors():
     logits, box_loss, pred, target = _case()
     base = dense_harmonic_loss(logits, GT, box_loss, pred, target, num_foreground=3)
