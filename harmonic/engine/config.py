@@ -339,13 +339,14 @@ PRESETS["shapes-quick"] = {
 # in results/testbed/). The "shapes-study" data (larger objects, fewer of them, less occlusion,
 # still irregular shapes on clutter), a ResNet-18 pretrained once by the project on shapes crops ("shapes",
 # harmonic.models.pretrain; the stand-in for ImageNet, about 5 minutes, cached under the data root) with
-# frozen BatchNorm and conv1 / layer1 frozen as torchvision does with ImageNet weights, bfloat16 autocast and
-# channels_last. 2400 iterations at about 0.17 s each on one thread of the shared 2-core CPU (measured):
-# about 7 minutes a run, so 12 runs two at a time fit in about 45 minutes.
+# frozen BatchNorm and conv1 / layer1 frozen as torchvision does with ImageNet weights; the engine's precision
+# (amp="auto": bfloat16 and channels_last where the CPU computes bfloat16 natively, float32 elsewhere). 2400
+# iterations took about 0.17 s each in bfloat16 on one thread of a shared 2-core CPU with AVX-512 BF16 (about 7
+# minutes a run); on a CPU without it, about 0.31 s in float32 (bfloat16 would be emulated, 9x slower).
 PRESETS["shapes-study"] = {
     **copy.deepcopy(PRESETS["shapes-cpu"]), "dataset": "shapes-study",
     "detector": {**copy.deepcopy(PRESETS["shapes-cpu"]["detector"]), "pretrained_backbone": "shapes"},
-    "max_iters": 2400, "lr_steps": [1841, 2239], "amp": "bf16", "channels_last": True,
+    "max_iters": 2400, "lr_steps": [1841, 2239],
     "output_dir": "results/runs/shapes-study",
 }
 

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from harmonic.utils.devices import native_bf16
+
 AMP_MODES = ("auto", "on", "off", "bf16", "fp16")
+__all__ = ["AMP_MODES", "Precision", "compile_network", "native_bf16", "resolve_precision"]
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,6 @@ class Precision:
         """JSON-friendly fields for a run's resolved configuration and provenance."""
         name = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
         return {"autocast_dtype": name, "grad_scaler": self.scaler, "channels_last": self.channels_last}
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively (CUDA: compute capability 8.0 or newer; CPU: the
-    oneDNN bfloat16 kernels, which need AVX-512 BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 def resolve_precision(amp: str, channels_last: bool | None, device: torch.device) -> Precision:

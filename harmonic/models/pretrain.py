@@ -41,6 +41,7 @@ from torchvision import models as tv_models
 
 from harmonic.data.shapes import CATEGORIES, PRESETS, ShapesParams, default_data_root, render_shapes_image
 from harmonic.models.config import SHAPES_BACKBONES
+from harmonic.utils.devices import native_bf16
 from harmonic.utils.files import atomic_write_json, exclusive_lock
 
 __all__ = ["PRETRAIN_VERSION", "SHAPES_BACKBONES", "PretrainParams", "build_crops", "cache_key", "cache_path", "ensure_pretrained_backbone",
@@ -89,10 +90,21 @@ class PretrainParams:
         return self
 
 
+def pretrain_autocast() -> torch.dtype | None:
+    """The autocast dtype of the pretraining on the CPU: bfloat16 where the CPU computes it natively
+    (AVX-512 BF16 or AMX; :func:`harmonic.utils.devices.native_bf16`), else None (float32). Emulated
+    bfloat16 on other CPUs is several times slower than float32."""
+    return torch.bfloat16 if native_bf16(torch.device("cpu")) else None
+
+
 def cache_key(params: PretrainParams) -> str:
-    """A hash of the parameters, the shapes generator's own parameters and this module's version."""
+    """A hash of the parameters, the shapes generator's own parameters, this module's version and the
+    precision the weights are trained in on this machine (:func:`pretrain_autocast`): a cache built in
+    bfloat16 is not taken for a float32 one."""
     shapes = dataclasses.asdict(PRESETS[params.data])
     key = {"version": PRETRAIN_VERSION, "params": dataclasses.asdict(params), "shapes": shapes}
+    if pretrain_autocast() is None:
+        key["precision"] = "float32"  # absent for bfloat16, the precision the earlier caches were built in
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -170,7 +182,9 @@ def pretrain_backbone(params: PretrainParams, *, log=None) -> tuple[dict[str, to
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
         net = getattr(tv_models, _BUILDERS[params.backbone])(weights=None, num_classes=BACKGROUND + 1)
-    net = net.to(memory_format=torch.channels_last)
+    autocast = pretrain_autocast()
+    layout = torch.channels_last if autocast is not None else torch.contiguous_format
+    net = net.to(memory_format=layout)
     optimizer = torch.optim.SGD(net.parameters(), lr=params.lr, momentum=0.9, weight_decay=params.weight_decay)
     net.train()
     losses = []
@@ -185,8 +199,8 @@ def pretrain_backbone(params: PretrainParams, *, log=None) -> tuple[dict[str, to
         x = _normalize(crops[batch])
         flip = torch.rand(len(batch), generator=gen) < 0.5
         x[flip] = x[flip].flip(-1)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = x.contiguous(memory_format=layout)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = net(x)
         loss = F.cross_entropy(logits.float(), labels[batch])
         optimizer.zero_grad(set_to_none=True)
@@ -199,14 +213,15 @@ def pretrain_backbone(params: PretrainParams, *, log=None) -> tuple[dict[str, to
     correct = 0
     with torch.no_grad():
         for chunk in val_idx.split(256):
-            x = _normalize(crops[chunk]).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = _normalize(crops[chunk]).contiguous(memory_format=layout)
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                 correct += int((net(x).argmax(1) == labels[chunk]).sum())
     state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items() if not k.startswith("fc.")}
     summary = {
         "params": dataclasses.asdict(params), "key": cache_key(params), "num_crops": len(labels),
         "num_val": n_val, "val_accuracy": correct / n_val, "final_loss": float(np.mean(losses[-50:])),
         "seconds": round(time.perf_counter() - start, 1), "torch_threads": torch.get_num_threads(),
+        "autocast": "bfloat16" if autocast is not None else "float32",
         "classes": list(CATEGORIES) + ["background"],
     }
     return state, summary

@@ -114,3 +114,12 @@ def test_study_preset_is_opt_in_and_keeps_the_premise():
     # the attribution and dose sweeps share the test bed and the seeds, so their runs pair with the default's
     for name in ("attribution", "alpha"):
         assert SWEEPS[name].parameters == SWEEPS["default"].parameters and SWEEPS[name].seeds == SWEEPS["default"].seeds
+
+
+def test_the_pretraining_precision_follows_the_cpu_and_keys_the_cache(monkeypatch):
+    monkeypatch.setattr(pt, "native_bf16", lambda device: True)
+    assert pt.pretrain_autocast() == torch.bfloat16
+    bf16_key = pt.cache_key(TINY)
+    monkeypatch.setattr(pt, "native_bf16", lambda device: False)
+    assert pt.pretrain_autocast() is None  # emulated bfloat16 would be several times slower: float32
+    assert pt.cache_key(TINY) != bf16_key  # weights trained in float32 are not taken for bfloat16 ones
