@@ -246,7 +246,13 @@ def ensure_pretrained_backbone(
             return path
         if log is not None:
             log(f"pretraining the {params.backbone} backbone on shapes crops into {path} (once)")
-        state, summary = pretrain_backbone(params, log=log)
+        # every core: the processes that need this file wait for it (their training has not started yet)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, os.cpu_count() or 1))
+        try:
+            state, summary = pretrain_backbone(params, log=log)
+        finally:
+            torch.set_num_threads(threads)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save(state, tmp)
         atomic_write_json(path.with_suffix(".json"), summary)
