@@ -46,9 +46,23 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what the platform module reports)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_description(device: str | None = None, details: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The machine a result was computed on; ``details`` adds fields a caller knows (the loss backend)."""
     import torch  # kept out of module import: the provenance of a sympy-only result needs no torch
+
+    from harmonic.utils.devices import native_bf16  # imports torch, kept out of module import likewise
 
     info: dict[str, Any] = {
         "device": str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
@@ -57,6 +71,11 @@ def device_description(device: str | None = None, details: Mapping[str, Any] | N
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
+        # what decides the CPU's speed and precision: its vector instruction set as torch sees it, and
+        # whether it computes bfloat16 natively (else the engine's amp="auto" trains in float32)
+        "cpu_model": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": native_bf16(torch.device("cpu")),
     }
     if torch.cuda.is_available():
         info["cuda_device_name"] = torch.cuda.get_device_name(0)
