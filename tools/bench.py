@@ -839,9 +839,11 @@ TARGET_ENGINE_SPEEDUP = {"cpu": 2.0, "cuda": 3.0}
 PRECISION_SWEEPS = ("precision_fp32", "precision_bf16")
 
 
-def _engine_step_function(model, images, targets, device: torch.device, losses: list[float]) -> Callable[[], float]:
+def _engine_step_function(
+    model, images, targets, device: torch.device, losses: list[float], amp: str = "auto"
+) -> Callable[[], float]:
     """The training engine's own step (:func:`harmonic.engine.training.train_step`) in the precision that
-    ``TrainConfig(amp="auto", channels_last=None)`` resolves to on ``device``, with the "shapes-cpu"
+    ``TrainConfig(amp=amp, channels_last=None)`` resolves to on ``device``, with the "shapes-cpu"
     preset's optimizer settings; ``model`` is put in that precision's memory layout here."""
     from harmonic.data import targets_to
     from harmonic.engine.config import TrainConfig
@@ -850,7 +852,7 @@ def _engine_step_function(model, images, targets, device: torch.device, losses: 
     from harmonic.engine.training import train_step
     from harmonic.models import get_stats
 
-    cfg = TrainConfig.preset("shapes-cpu", warmup_iters=0)
+    cfg = TrainConfig.preset("shapes-cpu", warmup_iters=0, amp=amp)
     precision = resolve_precision(cfg.amp, cfg.channels_last, device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -986,10 +988,42 @@ def precision_accuracy_section(config: BenchConfig, results_dir: Path = Path("re
 
 
 #: section name -> function(config) -> dict; every list of flat records in the dict is printed as a table
+def amp_modes_section(config: BenchConfig) -> dict[str, Any]:
+    """The engine's step in each autocast mode the device can run (``amp="off"``: float32; ``"bf16"``;
+    ``"fp16"`` on CUDA), side by side on the first setting of :func:`train_step_settings` (the default
+    study's detector in full runs): what ``amp="auto"`` chooses between on this machine, and what it would
+    cost to force bfloat16 where the device only emulates it."""
+    from harmonic.utils.devices import native_bf16
+
+    device = torch.device(config.device)
+    setting = train_step_settings(config)[0]
+    images, targets = _setting_batch(setting, device, config.seed)
+    modes = ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    models = _step_models(setting["detector"], device, config.seed, variants={m: {"loss": "baseline"} for m in modes})
+    losses: dict[str, list[float]] = {mode: [] for mode in modes}
+    steps = {mode: _engine_step_function(models[mode], images, targets, device, losses[mode], amp=mode) for mode in modes}
+    samples = time_interleaved(steps, repeats=config.repeats, warmup=config.warmup, device=device)
+    stats = {mode: _summary_ms(times) for mode, times in samples.items()}
+    rows = [{"setting": setting["name"], "amp": mode, **steps[mode].precision, **stats[mode]}  # type: ignore[attr-defined]
+            for mode in modes]
+    summary = [{"setting": setting["name"], "native_bf16": native_bf16(device),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                **{f"{mode}_over_float32": stats[mode]["median_ms"] / stats["off"]["median_ms"] for mode in modes[1:]}}]
+    return {
+        "title": "the engine's step in each autocast mode (median of interleaved rounds)",
+        "rows": rows,
+        "summary": summary,
+        "notes": ["amp='auto' takes bfloat16 only where native_bf16 is true (harmonic.utils.devices); a ratio above 1 "
+                  "is what forcing a mode would cost"],
+        "settings": {"detector": setting["detector"], **asdict(config)},
+    }
+
+
 SECTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "dense_loss": dense_loss_section,
     "train_step": train_step_section,
     "engine_step": engine_step_section,
+    "amp_modes": amp_modes_section,
     "precision_accuracy": precision_accuracy_section,
 }
 
@@ -1185,6 +1219,13 @@ def readme_markdown(result: dict, json_path: Path) -> str:
             lines.append(f"| {row['setting']} | {row['autocast_dtype']} | {row['channels_last']} | "
                          f"{row['engine_over_plain_images_per_s']:.2f} | {peak} |")
         lines.append("")
+    modes = result["sections"].get("amp_modes")
+    if modes:
+        for row in modes["summary"]:
+            ratios = ", ".join(f"{key.split('_over_')[0]} {value:.2f}x" for key, value in row.items() if key.endswith("_over_float32"))
+            lines += [f"Autocast modes of the engine's step ({row['setting']}; CPU vector capability "
+                      f"{row['cpu_capability']}, native bfloat16: {'yes' if row['native_bf16'] else 'no'}): time over "
+                      f"float32: {ratios}. `amp=\"auto\"` takes bfloat16 only where it is native.", ""]
     accuracy = result["sections"].get("precision_accuracy")
     if accuracy and accuracy["summary"]:
         row = accuracy["summary"][0]
