@@ -1143,6 +1143,9 @@ def run(args: argparse.Namespace, command_name: str = "bench") -> int:
             "load_average_1min_after": _load_average(),
             "measured": record["created"],
             "commit": record.get("git", {}).get("commit"),
+            "cpu_model": record["device"].get("cpu_model"),
+            "cpu_capability": record["device"].get("cpu_capability"),
+            "cpu_native_bf16": record["device"].get("cpu_native_bf16"),
         }
         print(format_tables(name, sections[name]), flush=True)
     # ``python -m`` puts this file's absolute path in argv[0]: keep the machine's paths out of results
@@ -1182,8 +1185,15 @@ def readme_markdown(result: dict, json_path: Path) -> str:
                      "but contention moves them; rerun `make bench` on a quiet machine before quoting them.")
     measured = {name: section["machine"].get("measured") for name, section in result["sections"].items()}
     if len(set(measured.values())) > 1:
-        lines[0] += (" The sections were measured in separate runs (`--merge`): "
-                     + ", ".join(f"{name} at {when or 'an unrecorded time'}" for name, when in measured.items()) + ".")
+        def where(machine: dict) -> str:
+            if machine.get("cpu_capability") is None:
+                return "CPU not recorded"
+            bf16 = "native bfloat16" if machine.get("cpu_native_bf16") else "no native bfloat16"
+            return f"{machine.get('cpu_model')}, {machine['cpu_capability']}, {bf16}"
+
+        lines[0] += (" The sections were measured in separate runs (`--merge`), possibly on different machines: "
+                     + "; ".join(f"{name} at {when or 'an unrecorded time'} ({where(result['sections'][name]['machine'])})"
+                                 for name, when in measured.items()) + ".")
     lines.append("")
     dense = result["sections"].get("dense_loss")
     if dense:
