@@ -257,7 +257,7 @@ def _reproduce(args: argparse.Namespace) -> int:
                     print(f"  {stem} -> {name}.ipynb {params}")
         return 0
     if args.sweep is not None:
-        return run_named_sweep(args.sweep, args.results_dir or "results")
+        return run_named_sweep(args.sweep, args.results_dir or "results", jobs=args.jobs)
     try:
         return reproduce(args.profile, only=args.only, results_dir=args.results_dir, coco_root=args.coco_root,
                          voc_root=args.voc_root, keep_going=args.keep_going, progress_bar=not args.no_progress, dry_run=args.dry_run, jobs=args.jobs,

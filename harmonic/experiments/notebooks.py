@@ -396,12 +396,16 @@ def _groups(runs, jobs: int):
         yield group
 
 
-def run_named_sweep(name: str, results_dir: str | Path = "results") -> int:
-    """``--sweep NAME``: run :data:`harmonic.experiments.sweeps.SWEEPS` [NAME]; non-zero if any run failed."""
+def run_named_sweep(name: str, results_dir: str | Path = "results", *, jobs: int | str = 1) -> int:
+    """``--sweep NAME``: run :data:`harmonic.experiments.sweeps.SWEEPS` [NAME], ``jobs`` runs at once (as
+    :func:`reproduce`: ``"auto"`` is one per CPU core, at most 4, without CUDA; ``cpu_count // jobs``
+    threads each); non-zero if any run failed."""
     if name not in SWEEPS:
         print(f"[reproduce] unknown sweep {name!r}; known: {sorted(SWEEPS)}", file=sys.stderr)
         return 2
-    status = run_sweep(SWEEPS[name], _parameter_path(results_dir), run_notebook)
+    jobs = resolve_jobs(jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    status = run_sweep(SWEEPS[name], _parameter_path(results_dir), run_notebook, jobs=jobs, threads=threads)
     failed = failed_runs(status)
     if failed:
         print(f"[reproduce] sweep {name}: {len(failed)} run(s) failed: {failed}", file=sys.stderr)

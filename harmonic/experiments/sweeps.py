@@ -13,7 +13,9 @@ each architecture its own detector settings (``arch_overrides``), the same for a
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,27 +163,55 @@ SWEEPS: dict[str, Sweep] = {
 
 
 def run_sweep(
-    sweep: Sweep, results_dir: str | Path, run_notebook: Callable[[str, dict[str, Any], Path], Any]
+    sweep: Sweep,
+    results_dir: str | Path,
+    run_notebook: Callable[[str, dict[str, Any], Path], Any],
+    *,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Execute every run of ``sweep`` not already finished with ``run_notebook(stem, parameters, output)``
-    (:func:`harmonic.experiments.notebooks.run_notebook`); return (and write) the status of each."""
+    (:func:`harmonic.experiments.notebooks.run_notebook`); return (and write) the status of each.
+
+    ``jobs``: how many runs execute at once (each in its own kernel, in the sweep's seed-major order), each
+    with ``threads`` torch threads (``train_overrides["num_threads"]``, unless the sweep sets it) when given.
+    The status file is rewritten after every run, so an interrupted sweep leaves a record of what finished.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     results_dir = Path(results_dir)
     status: dict[str, Any] = {"sweep": sweep.name, "description": sweep.description, "runs": {}}
+    lock = threading.Lock()
+    pending = []
     for name, params in sweep.runs():
         run_dir = results_dir / "runs" / name
         if (run_dir / "metrics.json").is_file():
             status["runs"][name] = {"status": "skipped (finished)", "folder": str(run_dir)}
             continue
         params = dict(params, results_dir=str(results_dir))
+        if threads is not None:
+            params["train_overrides"] = {"num_threads": threads, **params.get("train_overrides", {})}
+        pending.append((name, params, run_dir))
+
+    def execute(name: str, params: dict[str, Any], run_dir: Path) -> None:
         notebook = run_dir / "03_train_eval.ipynb"
         try:
             run_notebook("03_train_eval", params, notebook)
-            status["runs"][name] = {"status": "done", "folder": str(run_dir)}
+            outcome = {"status": "done", "folder": str(run_dir)}
         except Exception as err:  # noqa: BLE001 - a failed run must not stop the others
             partial = getattr(err, "partial_path", None) or notebook
-            status["runs"][name] = {"status": "failed", "notebook": str(partial), "error": f"{type(err).__name__}: {err}"[:2000]}
+            outcome = {"status": "failed", "notebook": str(partial), "error": f"{type(err).__name__}: {err}"[:2000]}
             print(f"[sweep {sweep.name}] run {name} failed; see {partial}: {type(err).__name__}")
-        atomic_write_json(results_dir / "sweeps" / f"{sweep.name}.json", status)
+        with lock:
+            status["runs"][name] = outcome
+            atomic_write_json(results_dir / "sweeps" / f"{sweep.name}.json", status)
+
+    if jobs == 1:
+        for item in pending:
+            execute(*item)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:  # each run is its own kernel process
+            list(pool.map(lambda item: execute(*item), pending))
     atomic_write_json(results_dir / "sweeps" / f"{sweep.name}.json", status)
     return status
 

@@ -1,4 +1,5 @@
 import json
+import os
 import time
 from pathlib import Path
 
@@ -157,13 +158,14 @@ def test_parallel_jobs_group_training_runs_and_give_each_one_thread(tmp_path, mo
 def test_sweep_option_runs_the_named_sweep(tmp_path, monkeypatch, capsys):
     seen = []
 
-    def fake_run_sweep(sweep, results_dir, run_notebook):
+    def fake_run_sweep(sweep, results_dir, run_notebook, *, jobs, threads):
         seen.append((sweep.name, results_dir))
+        assert (jobs, threads) == (2, max(1, (os.cpu_count() or 1) // 2))
         assert run_notebook is reproduce.run_notebook
         return {"sweep": sweep.name, "runs": {"a": {"status": "done"}, "b": {"status": "failed"}}}
 
     monkeypatch.setattr(reproduce, "run_sweep", fake_run_sweep)
-    assert cli_main(["reproduce", "--sweep", "attribution", "--results-dir", str(tmp_path)]) == 1
+    assert cli_main(["reproduce", "--sweep", "attribution", "--results-dir", str(tmp_path), "--jobs", "2"]) == 1
     assert seen == [("attribution", str(tmp_path.resolve()))] and "['b']" in capsys.readouterr().err
     assert cli_main(["reproduce", "--sweep", "nope"]) == 2
 

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from harmonic.experiments.sweeps import (
     SWEEPS,
     TEST_BED,
@@ -100,6 +102,34 @@ def test_run_sweep_skips_finished_and_survives_failures(tmp_path):
     status = run_sweep(sweep, tmp_path, run_notebook=lambda stem, params, out: calls.append(params["run_name"]))
     assert calls == ["t-harmonic-s0"]
     assert failed_runs(status) == []
+
+
+def test_run_sweep_runs_jobs_at_once_with_their_threads(tmp_path):
+    import threading
+    import time
+
+    sweep = Sweep("t", ("baseline", "harmonic"), seeds=(0, 1, 2))
+    running, most, seen = [0], [0], {}
+    lock = threading.Lock()
+
+    def fake_run(stem, params, output):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            seen[params["run_name"]] = params["train_overrides"]
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        if params["run_name"] == "t-harmonic-s1":
+            raise RuntimeError("boom")
+
+    status = run_sweep(sweep, tmp_path, fake_run, jobs=2, threads=1)
+    assert most[0] == 2 and len(seen) == 6
+    assert all(overrides == {"num_threads": 1} for overrides in seen.values())
+    assert failed_runs(status) == ["t-harmonic-s1"] and len(status["runs"]) == 6
+    assert json.loads((tmp_path / "sweeps" / "t.json").read_text()) == json.loads(json.dumps(status))
+    with pytest.raises(ValueError, match="jobs"):
+        run_sweep(sweep, tmp_path, fake_run, jobs=0)
 
 
 def test_detectors_sweep_gives_every_architecture_a_valid_detector():
