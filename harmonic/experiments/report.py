@@ -141,6 +141,8 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("HIoU, without the factors", "baseline_hiou", "baseline"),
     ("torchvision's GIoU, without the factors (control)", "baseline_giou", "baseline"),
     ("HIoU against GIoU, both without the factors", "baseline_hiou", "baseline_giou"),
+    ("a 2.5x box-loss weight, no IoU term (control)", "baseline_l1x2.5", "baseline"),
+    ("HIoU against the same weight on L1, both without the factors", "baseline_hiou", "baseline_l1x2.5"),
     ("the factors, given HIoU", "harmonic_hiou", "baseline_hiou"),
     ("the gradient through the factors", "harmonic_hiou", "harmonic_hiou_detached"),
     ("beta_c from the ground-truth probability instead of the focal loss", "harmonic_hiou_gt_prob", "harmonic_hiou"),

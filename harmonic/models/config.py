@@ -130,6 +130,7 @@ class DetectorConfig:
     beta_c_source: str = "loss"
     iou_loss: str = "hiou"
     factors: bool = True
+    box_weight: float = 1.0
     fused: bool | None = None
     detections_per_img: int | None = None
     score_thresh: float | None = None
@@ -305,6 +306,7 @@ class DetectorConfig:
             beta_c_source=self.beta_c_source,
             iou_loss=self.iou_loss,
             factors=self.factors,
+            box_weight=self.box_weight,
             fused=self.fused,
         )
         return options if self.loss == "harmonic" else None

@@ -86,6 +86,9 @@ class HarmonicOptions:
     ``"giou"`` (torchvision's generalized IoU loss, weighted by ``hiou_weight``; a control [D]).
     ``factors``: False sets beta_r = beta_c = 0 in the loss (classification loss + L_loc, unweighted; the
     factors are still computed, detached, for the statistics): the "baseline plus IoU term" controls [D].
+    ``box_weight``: the weight of the host's own box loss in L_loc (1, the paper's [R]); with ``factors=False``
+    and ``hiou=False``, ``box_weight=2.5`` is the host's loss with its box term scaled by 2.5, a control of
+    the regression's gradient scale without an IoU-type term [D].
     """
 
     hiou: bool = True
@@ -99,6 +102,7 @@ class HarmonicOptions:
     fused: bool | None = None
     iou_loss: str = "hiou"
     factors: bool = True
+    box_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("hiou", "detach_factors", "factors"):
@@ -106,11 +110,11 @@ class HarmonicOptions:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.fused is not None and not isinstance(self.fused, bool):
             raise TypeError(f"fused must be None (auto), True or False, got {self.fused!r}")
-        for name in ("hiou_weight", "hiou_gamma", "tc_weight", "tc_margin"):
+        for name in ("hiou_weight", "hiou_gamma", "tc_weight", "tc_margin", "box_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("hiou_weight", "tc_weight", "tc_margin"):
+        for name in ("hiou_weight", "tc_weight", "tc_margin", "box_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.hiou_gamma > 1:
@@ -165,12 +169,15 @@ def localization_loss(
 
 def _localization(
     box_loss: Tensor, pred_boxes: Tensor, target_boxes: Tensor, *, hiou: bool, hiou_weight: float, hiou_gamma: float,
-    iou_loss: str = "hiou",
+    iou_loss: str = "hiou", box_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """``(L_loc, IoU)`` of the positives, the IoU of their decoded boxes computed once: the HIoU term
     (Eq. 11, as :func:`harmonic.losses.harmonic_iou_loss`), the task-contrasting term and the watch
-    statistics all use it. ``iou_loss="giou"`` adds torchvision's GIoU loss instead of HIoU."""
+    statistics all use it. ``iou_loss="giou"`` adds torchvision's GIoU loss instead of HIoU; ``box_weight``
+    scales the host's box loss."""
     loc = _upcast(box_loss)
+    if box_weight != 1.0:
+        loc = box_weight * loc
     iou = aligned_box_iou(pred_boxes, target_boxes)
     if hiou and hiou_weight > 0:
         with torch.autocast(device_type=iou.device.type, enabled=False):
@@ -185,7 +192,7 @@ def _localization(
 def _options_localization(options: HarmonicOptions, box_loss: Tensor, pred_boxes: Tensor, target_boxes: Tensor):
     """:func:`_localization` with the IoU-type term of ``options``."""
     return _localization(box_loss, pred_boxes, target_boxes, hiou=options.hiou, hiou_weight=options.hiou_weight,
-                         hiou_gamma=options.hiou_gamma, iou_loss=options.iou_loss)
+                         hiou_gamma=options.hiou_gamma, iou_loss=options.iou_loss, box_weight=options.box_weight)
 
 
 def _upcast(tensor: Tensor) -> Tensor:

@@ -185,6 +185,23 @@ def test_harmonic_retinanet_equals_hand_composed_loss():
     assert 0 < stats["beta_r"] <= 1 and 0 < stats["beta_c"] <= 1 and stats["num_positives"] > 0
 
 
+@pytest.mark.parametrize("arch", ["retinanet", "faster_rcnn"])
+def test_without_factors_and_iou_term_the_harmonic_path_is_the_baseline_and_box_weight_scales_its_box_term(arch):
+    """The controls of the attribution sweep: ``factors=False, hiou=False`` gives the host's own losses, and
+    ``box_weight`` multiplies the box term alone."""
+    images, targets = batch()
+    cls_key, box_key = ("loss_classifier", "loss_box_reg") if arch in TWO_STAGE else ("classification", "bbox_regression")
+    base = train_losses(build(tiny(arch)), images, targets)
+    same = train_losses(build(tiny(arch, loss="harmonic", hiou=False, factors=False)), images, targets)
+    scaled = train_losses(build(tiny(arch, loss="harmonic", hiou=False, factors=False, box_weight=2.5)), images, targets)
+    for key in (cls_key, box_key):
+        torch.testing.assert_close(same[key], base[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled[cls_key], base[cls_key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled[box_key], 2.5 * base[box_key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="box_weight"):
+        tiny(arch, loss="harmonic", box_weight=-1.0)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_harmonic_losses_sit_between_baseline_and_twice_baseline(arch):
     """Without HIoU, each positive's terms are scaled by factors in (1, 2]: baseline < harmonic <= 2 x."""
