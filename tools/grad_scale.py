@@ -1,0 +1,170 @@
+"""How large, and which way, is the gradient an IoU-type term adds to RetinaNet's box regression?
+
+The attribution controls of the default study ask whether adding an IoU-type term to L1 stalls the box
+regression because of its *direction* (it disagrees with L1) or its *size* (L1 + alpha * IoU term is a
+larger step on the regression head, like a larger learning rate there). This tool measures both on a
+trained run's weights (and on the same detector before training: pretrained backbone, fresh heads), on
+training images, with the run's own anchors, matcher and box coder:
+
+* per positive anchor, the gradient of each term with respect to its 4 regression outputs: the norm ratio
+  ``|g_term| / |g_L1|`` and the cosine between ``g_term`` and ``g_L1``;
+* over the batch, the gradient of each normalized term (sum over positives / number of positives, as
+  the loss) with respect to the regression head's parameters: its norm against L1's, and the norm of
+  ``L1 + alpha * term`` against L1's (the factor the step on the regression head grows by).
+
+Terms: ``alpha * L_HIoU(gamma)`` (the default study's 1.5 and 0.8 [R]), ``alpha * GIoU loss``
+(torchvision's) and ``alpha * (1 - IoU)``, on the decoded boxes. The figures are ours [D].
+
+    python tools/grad_scale.py RUN_DIR [RUN_DIR ...] [--images 64] [--out results/testbed/grad_scale.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _terms(alpha: float, gamma: float):
+    from torchvision.ops import generalized_box_iou_loss
+
+    from harmonic.losses import aligned_box_iou, hiou_from_iou
+
+    return {
+        "hiou": lambda pred, gt: alpha * hiou_from_iou(aligned_box_iou(pred, gt), gamma),
+        "giou": lambda pred, gt: alpha * generalized_box_iou_loss(pred, gt, reduction="none"),
+        "one_minus_iou": lambda pred, gt: alpha * (1.0 - aligned_box_iou(pred, gt)),
+    }
+
+
+def _positives(model, images, targets):
+    """``(regression outputs [P, 4] (graph leaf of the head), encoded targets, anchors, gt boxes, image index)``."""
+    from torchvision.ops import box_iou
+
+    batch, targets = model.transform(images, targets)
+    with torch.no_grad():
+        features = list(model.backbone(batch.tensors).values())
+    head = model.head(features)
+    anchors = model.anchor_generator(batch, features)
+    regs, encoded, anchor_rows, gts, owner = [], [], [], [], []
+    for i, target in enumerate(targets):
+        if target["boxes"].numel() == 0:
+            continue
+        matched = model.proposal_matcher(box_iou(target["boxes"], anchors[i]))
+        pos = torch.where(matched >= 0)[0]
+        gt = target["boxes"][matched[pos]]
+        regs.append(head["bbox_regression"][i][pos].float())
+        encoded.append(model.box_coder.encode_single(gt, anchors[i][pos]))
+        anchor_rows.append(anchors[i][pos])
+        gts.append(gt)
+        owner.append(torch.full((pos.numel(),), i))
+    return torch.cat(regs), torch.cat(encoded), torch.cat(anchor_rows), torch.cat(gts), torch.cat(owner)
+
+
+def measure(model, images, targets, *, alpha: float, gamma: float) -> dict[str, Any]:
+    """The per-positive and per-parameter gradient comparisons of one batch (see the module docstring)."""
+    from harmonic.losses import aligned_box_iou
+
+    model.eval()
+    params = [p for p in model.head.regression_head.parameters() if p.requires_grad]
+    reg, encoded, anchors, gt, _ = _positives(model, images, targets)
+    count = reg.shape[0]
+    decode = model.box_coder.decode_single
+    out: dict[str, Any] = {"num_positives": count}
+    with torch.no_grad():
+        out["mean_iou"] = float(aligned_box_iou(decode(reg, anchors), gt).mean())
+
+    def anchor_grad(loss_of) -> torch.Tensor:
+        """d(sum of the per-anchor losses) / d(regression outputs), [P, 4]."""
+        leaf = reg.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(loss_of(leaf).sum(), leaf)
+        return grad
+
+    def param_grad(loss_of) -> torch.Tensor:
+        """d(sum over positives / P) / d(regression head parameters), flattened: a fresh forward pass."""
+        reg_p, enc_p, anc_p, gt_p, _ = _positives(model, images, targets)
+        loss = loss_of(reg_p, enc_p, anc_p, gt_p).sum() / max(1, count)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    g_l1 = anchor_grad(lambda r: (r - encoded).abs().sum(1))  # torchvision RetinaNet's L1 on encoded offsets
+    p_l1 = param_grad(lambda r, e, a, g: (r - e).abs().sum(1))
+    out["terms"] = {}
+    for name, term in _terms(alpha, gamma).items():
+        g_term = anchor_grad(lambda r, term=term: term(decode(r, anchors), gt))
+        ratio = (g_term.norm(dim=1) / g_l1.norm(dim=1).clamp_min(1e-12)).tolist()
+        cosine = torch.nn.functional.cosine_similarity(g_term, g_l1, dim=1, eps=1e-12)
+        p_term = param_grad(lambda r, e, a, g, term=term: term(decode(r, a), g))
+        quantiles = statistics.quantiles(ratio, n=10) if len(ratio) > 1 else ratio * 9
+        out["terms"][name] = {
+            "anchor_norm_ratio_p10": quantiles[0], "anchor_norm_ratio_median": statistics.median(ratio),
+            "anchor_norm_ratio_p90": quantiles[-1],
+            "anchor_cosine_mean": float(cosine.mean()), "anchor_cosine_negative_share": float((cosine < 0).float().mean()),
+            "head_norm_ratio": float(p_term.norm() / p_l1.norm()),
+            "head_cosine": float(torch.nn.functional.cosine_similarity(p_term, p_l1, dim=0)),
+            "head_step_growth": float((p_l1 + p_term).norm() / p_l1.norm()),
+        }
+    return out
+
+
+def _batch(dataset, count: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(dataset), generator=generator)[:count].tolist()
+    items = [dataset[i] for i in rows]
+    return [img for img, _ in items], [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in items]
+
+
+def run_measurement(run_dir: Path, images: int, seed: int) -> dict[str, Any]:
+    from harmonic.data import build_dataset
+    from harmonic.engine.checkpoints import load_checkpoint, load_model
+    from harmonic.models import DetectorConfig, build_detector
+
+    ckpt = load_checkpoint(run_dir)
+    detector = ckpt["detector"]
+    alpha = float(detector.get("hiou_weight", 1.5))
+    gamma = float(detector.get("hiou_gamma", 0.8))
+    dataset = build_dataset(ckpt["config"]["dataset"], "train", ckpt["config"].get("image_dir"), train=False)
+    imgs, targets = _batch(dataset, images, seed)
+    trained, _ = load_model(ckpt)
+    torch.manual_seed(int(ckpt["config"].get("seed", 0)))
+    fresh = build_detector(DetectorConfig.from_dict(detector))
+    return {
+        "run": run_dir.name, "iteration": ckpt.get("iteration"), "alpha": alpha, "gamma": gamma, "images": images,
+        "before_training": measure(fresh, imgs, targets, alpha=alpha, gamma=gamma),
+        "after_training": measure(trained, imgs, targets, alpha=alpha, gamma=gamma),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders with checkpoints/final.pt")
+    parser.add_argument("--images", type=int, default=64, help="training images in the batch (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="which images (default 0)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "testbed" / "grad_scale.json")
+    args = parser.parse_args(argv)
+    if args.images < 1:
+        parser.error(f"--images must be >= 1, got {args.images}")
+    torch.set_num_threads(1)
+    from harmonic.utils.files import atomic_write_json
+    from harmonic.utils.provenance import provenance
+
+    records = [run_measurement(run, args.images, args.seed) for run in args.runs]
+    atomic_write_json(args.out, {"provenance": provenance(), "tag": "[D]", "runs": records})
+    for record in records:
+        for when in ("before_training", "after_training"):
+            m = record[when]
+            print(f"{record['run']} {when}: {m['num_positives']} positives, mean IoU {m['mean_iou']:.3f}")
+            for name, t in m["terms"].items():
+                print(f"  {name:14s} anchor |g|/|g_L1| median {t['anchor_norm_ratio_median']:.2f}  cos {t['anchor_cosine_mean']:+.2f}"
+                      f"  head |g|/|g_L1| {t['head_norm_ratio']:.2f}  cos {t['head_cosine']:+.2f}  step x{t['head_step_growth']:.2f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
