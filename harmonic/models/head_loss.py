@@ -87,7 +87,7 @@ class HarmonicOptions:
     ``factors``: False sets beta_r = beta_c = 0 in the loss (classification loss + L_loc, unweighted; the
     factors are still computed, detached, for the statistics): the "baseline plus IoU term" controls [D].
     ``box_weight``: the weight of the host's own box loss in L_loc (1, the paper's [R]); with ``factors=False``
-    and ``hiou=False``, ``box_weight=2.5`` is the host's loss with its box term scaled by 2.5, a control of
+    and ``hiou=False``, ``box_weight=2`` is the host's loss with its box term doubled, a control of
     the regression's gradient scale without an IoU-type term [D].
     """
 
