@@ -4,6 +4,7 @@ the supplement's assumptions during training (shares against iteration, histogra
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -237,6 +238,14 @@ def plot_watch_shares(
     return finish(fig, path, dpi)
 
 
+def reversal_region(grid_p: np.ndarray, boundary: np.ndarray, *, detached: bool = False) -> np.ndarray:
+    """Where Eq. 8's dF/dx < 0 on a (score, y) grid: scores ``grid_p`` [S] above the boundary ``p*(y)`` [Y]
+    (:func:`harmonic.theory.derivations.reversal_score`), as a bool array [S, Y]. With detached factors
+    ``dF/dx = 1 + beta_r > 0`` everywhere: all False."""
+    region = np.asarray(grid_p)[:, None] > np.asarray(boundary)[None, :]
+    return np.zeros_like(region) if detached else region
+
+
 def plot_watch_histograms(
     samples: dict[str, dict],
     *,
@@ -250,7 +259,8 @@ def plot_watch_histograms(
     :mod:`harmonic.engine.watch`).
 
     The background is red where ``dF/dx < 0`` for the run's definition of ``x`` (score above
-    ``p*(y)``, :func:`harmonic.theory.derivations.reversal_score`), blue where ``dF/dx > 0``; both
+    ``p*(y)``, :func:`harmonic.theory.derivations.reversal_score`), blue where ``dF/dx > 0`` (everywhere for
+    a run with detached factors, ``"detached": true`` in its samples); both
     boundaries are drawn, ``p*(y)`` for the focal definition (solid) and for the cross-entropy (dashed),
     with ``y = Y_REVERSAL`` dotted. Counts on a log colour scale. The focal boundary is that of the target
     entry's focal loss; a sigmoid head's ``x`` (the focal loss summed over the K classes) also holds the
@@ -282,7 +292,7 @@ def plot_watch_histograms(
     for row, (label, data) in zip(axes, runs.items()):
         definition = data.get("definition", "ce")
         grid_p = np.linspace(0.0, 1.0, 200)
-        reversed_region = grid_p[:, None] > boundaries[definition][None, :]
+        reversed_region = reversal_region(grid_p, boundaries[definition], detached=bool(data.get("detached")))
         for ax in row[len(data["snapshots"]):]:
             ax.set_visible(False)
         for ax, snap in zip(row, data["snapshots"]):
@@ -300,7 +310,8 @@ def plot_watch_histograms(
             ax.axvline(Y_REVERSAL, color="0.3", linewidth=0.7, linestyle=":")
             ax.set_xlim(0.0, y_max)
             ax.set_ylim(0.0, 1.0)
-            ax.set_title(f"{label}, iter {snap.get('iter')} (n = {y.size} of {snap.get('num_positives', y.size)})",
+            note = ", all dF/dx > 0" if data.get("detached") else ""
+            ax.set_title(f"{label}, iter {snap.get('iter')} (n = {y.size} of {snap.get('num_positives', y.size)}){note}",
                          fontsize=8)
             ax.set_xlabel("y = L_loc")
             ax.set_ylabel("ground-truth class score")
@@ -329,6 +340,16 @@ def _watch_table(logs: dict[str, list[dict]], smooth: int) -> str:
     return "\n".join([header, "|---" * 9 + "|", *rows])
 
 
+def _detached(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` trained with detached harmonic factors (its ``config.json``)."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        return False
+    saved = json.loads(config.read_text())
+    detector = (saved.get("resolved") or {}).get("detector") or (saved.get("config") or {}).get("detector") or {}
+    return detector.get("loss") == "harmonic" and bool(detector.get("detach_factors"))
+
+
 def convergence_figures(
     runs: dict[str, str], *, results_dir: str | Path = "results", smooth: int = 20, dpi: int = 120
 ) -> dict[str, Any]:
@@ -350,6 +371,8 @@ def convergence_figures(
             raise FileNotFoundError(f"run {name!r} ({label}) has no log at {path}: train it first (notebook 03)")
         logs[label] = read_log(path)
         samples[label] = read_samples(path.parent)
+        if samples[label] and _detached(path.parent):
+            samples[label] = {**samples[label], "detached": True}
     fig = plot_training_curves(logs, smooth=smooth)
     figures = [save_figure(fig, results_dir / "figures" / "fig3_training_loss.png", dpi=dpi)]
     if any("watch/reversed_share" in r for records in logs.values() for r in records):

@@ -10,7 +10,12 @@ import pytest
 from PIL import Image
 
 from harmonic.engine.watch import WATCH_SAMPLES_FILE, sample_iterations, snapshot, write_snapshot
-from harmonic.experiments.figures import convergence_figures, plot_watch_histograms, plot_watch_shares
+from harmonic.experiments.figures import (
+    convergence_figures,
+    plot_watch_histograms,
+    plot_watch_shares,
+    reversal_region,
+)
 from harmonic.losses import WATCH_KEYS
 
 DPI = 40
@@ -57,18 +62,33 @@ def test_histogram_figure_size_and_boundaries(tmp_path):
         plot_watch_histograms({"a": None})
 
 
+def test_reversal_region_is_above_the_boundary_and_empty_with_detached_factors():
+    grid_p = np.linspace(0.0, 1.0, 11)
+    boundary = np.array([2.0, 0.5, 0.25])  # p*(y) at three y: none, scores > 0.5, scores > 0.25 reversed
+    region = reversal_region(grid_p, boundary)
+    assert region.shape == (11, 3)
+    assert region[:, 0].sum() == 0 and region[:, 1].sum() == 5 and region[:, 2].sum() == 8
+    assert not reversal_region(grid_p, boundary, detached=True).any()
+
+
 def test_convergence_figures_draw_the_watch_figures(tmp_path):
-    for name, records, samples in (("base", _records(counterfactual=True), _samples("focal")),
-                                   ("harm", _records(seed=1), None)):
+    for name, records, samples, detach in (("base", _records(counterfactual=True), _samples("focal"), None),
+                                           ("harm", _records(seed=1), None, None),
+                                           ("det", _records(seed=2), _samples("focal", 2), True)):
         run = tmp_path / "runs" / name
         run.mkdir(parents=True)
         (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         if samples is not None:
             (run / WATCH_SAMPLES_FILE).write_text(json.dumps(samples))
-    out = convergence_figures({"baseline": "base", "harmonic": "harm"}, results_dir=tmp_path, smooth=2, dpi=DPI)
+        if detach is not None:
+            detector = {"loss": "harmonic", "detach_factors": detach}
+            (run / "config.json").write_text(json.dumps({"config": {"detector": detector}, "resolved": {"detector": detector}}))
+    out = convergence_figures({"baseline": "base", "harmonic": "harm", "detached": "det"}, results_dir=tmp_path,
+                              smooth=2, dpi=DPI)
     assert [p.name for p in out["figures"]] == ["fig3_training_loss.png", "watch_shares.png", "watch_histograms.png"]
     assert "baseline (counterfactual)" in out["watch_markdown"] and "| harmonic |" in out["watch_markdown"]
     assert out["samples"]["harmonic"] is None
+    assert out["samples"]["detached"]["detached"] is True and "detached" not in out["samples"]["baseline"]
 
 
 def test_sample_iterations_and_snapshots(tmp_path):
