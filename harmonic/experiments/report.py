@@ -142,6 +142,7 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("torchvision's GIoU, without the factors (control)", "baseline_giou", "baseline"),
     ("HIoU against GIoU, both without the factors", "baseline_hiou", "baseline_giou"),
     ("a 2x box-loss weight, no IoU term (control)", "baseline_l1x2", "baseline"),
+    ("a 3x box-loss weight, no IoU term (control)", "baseline_l1x3", "baseline"),
     ("HIoU against the same weight on L1, both without the factors", "baseline_hiou", "baseline_l1x2"),
     ("the factors, given HIoU", "harmonic_hiou", "baseline_hiou"),
     ("the gradient through the factors", "harmonic_hiou", "harmonic_hiou_detached"),

@@ -43,6 +43,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the regression head's gradient by 1.5x (fresh head) to 1.9-2.2x (trained), tools/grad_scale.py: does a
     # step that much larger alone stall the regression? [D]
     "baseline_l1x2": {"loss": "harmonic", "hiou": False, "factors": False, "box_weight": 2.0},
+    # ... and 3 L1: about the step of the detached Harmonic + HIoU, whose (1 + beta_c) ~ 1.7 multiplies L1 + 1.5 HIoU
+    "baseline_l1x3": {"loss": "harmonic", "hiou": False, "factors": False, "box_weight": 3.0},
     # comparison losses, RetinaNet only: our implementation of other papers' formulas [D]
     # (GFL's quality focal loss, VarifocalNet's varifocal loss, IoU-balanced weights; harmonic.losses.comparison)
     "qfl": {"loss": "qfl"},
@@ -103,10 +105,11 @@ SWEEPS: dict[str, Sweep] = {
               description="make reproduce: baseline vs Harmonic + HIoU (factors through and detached), RetinaNet "
               "R18-FPN with a shapes-pretrained backbone on the shapes-study data"),
         # which part of the method moves AP, and does any IoU-type term do the same here?
-        Sweep("attribution", ("harmonic", "baseline_hiou", "baseline_giou", "baseline_l1x2"), seeds=TEST_BED_SEEDS,
+        Sweep("attribution", ("harmonic", "baseline_hiou", "baseline_giou", "baseline_l1x2", "baseline_l1x3"),
+              seeds=TEST_BED_SEEDS,
               parameters=TEST_BED,
               description="Harmonic without HIoU; focal + L1 + 1.5 HIoU without factors; focal + L1 + 1.5 GIoU "
-              "(torchvision's) without factors; focal + 2 L1 (the box term's weight alone)"),
+              "(torchvision's) without factors; focal + 2 L1 and focal + 3 L1 (the box term's weight alone)"),
         # the HIoU weight as a dose-response: alpha 0 is the attribution's `harmonic`, 1.5 the default's
         # `harmonic_hiou` (1.5 reported best [R])
         Sweep("alpha", tuple(f"hiou_alpha_{a}" for a in (0.5, 1.0, 2.0)), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
