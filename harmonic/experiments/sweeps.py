@@ -43,7 +43,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the regression head's gradient by 1.5x (fresh head) to 1.9-2.2x (trained), tools/grad_scale.py: does a
     # step that much larger alone stall the regression? [D]
     "baseline_l1x2": {"loss": "harmonic", "hiou": False, "factors": False, "box_weight": 2.0},
-    # ... and 3 L1: about the step of the detached Harmonic + HIoU, whose (1 + beta_c) ~ 1.7 multiplies L1 + 1.5 HIoU
+    # ... and 3 L1: about the step of the detached Harmonic + HIoU, whose (1 + beta_c), 1.3 early to 1.7 late in
+    # training (its logs), multiplies L1 + 1.5 HIoU
     "baseline_l1x3": {"loss": "harmonic", "hiou": False, "factors": False, "box_weight": 3.0},
     # comparison losses, RetinaNet only: our implementation of other papers' formulas [D]
     # (GFL's quality focal loss, VarifocalNet's varifocal loss, IoU-balanced weights; harmonic.losses.comparison)
