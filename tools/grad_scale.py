@@ -8,6 +8,7 @@ training images, with the run's own anchors, matcher and box coder:
 
 * per positive anchor, the gradient of each term with respect to its 4 regression outputs: the norm ratio
   ``|g_term| / |g_L1|`` and the cosine between ``g_term`` and ``g_L1``;
+* the share of dead ReLU channels in each layer of the two head towers (zero for every position and image);
 * over the batch, the gradient of each normalized term (sum over positives / number of positives, as
   the loss) with respect to the regression head's parameters: its norm against L1's, and the norm of
   ``L1 + alpha * term`` against L1's (the factor the step on the regression head grows by).
@@ -112,6 +113,31 @@ def measure(model, images, targets, *, alpha: float, gamma: float) -> dict[str, 
     return out
 
 
+def dead_channels(model, images, targets) -> dict[str, list[float]]:
+    """Per conv layer of the two head towers (each conv + ReLU), the share of its channels that are zero at
+    every position of every FPN level of every image: ReLU units that no longer pass a gradient ("dead").
+    A regression tower whose units died predicts the same offsets everywhere, the anchors' own boxes."""
+    model.eval()
+    towers = {"regression": model.head.regression_head.conv, "classification": model.head.classification_head.conv}
+    peaks: dict[str, list[torch.Tensor | None]] = {name: [None] * len(tower) for name, tower in towers.items()}
+    handles = []
+    for name, tower in towers.items():
+        for index, layer in enumerate(tower):
+            def hook(_module, _inputs, output, name=name, index=index):
+                peak = output.detach().float().amax(dim=(0, 2, 3))
+                previous = peaks[name][index]
+                peaks[name][index] = peak if previous is None else torch.maximum(previous, peak)
+            handles.append(layer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            batch, _ = model.transform(images, targets)
+            model.head(list(model.backbone(batch.tensors).values()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: [float((peak <= 0).float().mean()) for peak in layers] for name, layers in peaks.items()}
+
+
 def _batch(dataset, count: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(len(dataset), generator=generator)[:count].tolist()
@@ -133,11 +159,11 @@ def run_measurement(run_dir: Path, images: int, seed: int) -> dict[str, Any]:
     trained, _ = load_model(ckpt)
     torch.manual_seed(int(ckpt["config"].get("seed", 0)))
     fresh = build_detector(DetectorConfig.from_dict(detector))
-    return {
-        "run": run_dir.name, "iteration": ckpt.get("iteration"), "alpha": alpha, "gamma": gamma, "images": images,
-        "before_training": measure(fresh, imgs, targets, alpha=alpha, gamma=gamma),
-        "after_training": measure(trained, imgs, targets, alpha=alpha, gamma=gamma),
-    }
+    record = {"run": run_dir.name, "iteration": ckpt.get("iteration"), "alpha": alpha, "gamma": gamma, "images": images}
+    for when, model in (("before_training", fresh), ("after_training", trained)):
+        record[when] = measure(model, imgs, targets, alpha=alpha, gamma=gamma)
+        record[when]["dead_channels"] = dead_channels(model, imgs, targets)
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     for record in records:
         for when in ("before_training", "after_training"):
             m = record[when]
-            print(f"{record['run']} {when}: {m['num_positives']} positives, mean IoU {m['mean_iou']:.3f}")
+            dead = m["dead_channels"]
+            print(f"{record['run']} {when}: {m['num_positives']} positives, mean IoU {m['mean_iou']:.3f}, dead channels "
+                  f"regression {[round(x, 2) for x in dead['regression']]} classification "
+                  f"{[round(x, 2) for x in dead['classification']]}")
             for name, t in m["terms"].items():
                 print(f"  {name:14s} anchor |g|/|g_L1| median {t['anchor_norm_ratio_median']:.2f}  cos {t['anchor_cosine_mean']:+.2f}"
                       f"  head |g|/|g_L1| {t['head_norm_ratio']:.2f}  cos {t['head_cosine']:+.2f}  step x{t['head_step_growth']:.2f}")

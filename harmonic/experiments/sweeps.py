@@ -46,6 +46,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # ... and 3 L1: about the step of the detached Harmonic + HIoU, whose (1 + beta_c), 1.3 early to 1.7 late in
     # training (its logs), multiplies L1 + 1.5 HIoU
     "baseline_l1x3": {"loss": "harmonic", "hiou": False, "factors": False, "box_weight": 3.0},
+    # the default study's two main variants with GroupNorm in the head towers (torchvision's v2 RetinaNet head):
+    # the regression tower of torchvision's v1 head (conv + ReLU) loses its last layer's units when the box loss's
+    # gradient grows (tools/grad_scale.py dead_channels) [D]; does the comparison change where they cannot die?
+    "baseline_gn": {"loss": "baseline", "head_norm": "gn"},
+    "harmonic_hiou_gn": {"loss": "harmonic", "hiou": True, "head_norm": "gn"},
     # comparison losses, RetinaNet only: our implementation of other papers' formulas [D]
     # (GFL's quality focal loss, VarifocalNet's varifocal loss, IoU-balanced weights; harmonic.losses.comparison)
     "qfl": {"loss": "qfl"},
@@ -111,6 +116,10 @@ SWEEPS: dict[str, Sweep] = {
               parameters=TEST_BED,
               description="Harmonic without HIoU; focal + L1 + 1.5 HIoU without factors; focal + L1 + 1.5 GIoU "
               "(torchvision's) without factors; focal + 2 L1 and focal + 3 L1 (the box term's weight alone)"),
+        # is the loss of Harmonic + HIoU the dying regression tower? The same pair with GroupNorm heads
+        Sweep("head_norm", ("baseline_gn", "harmonic_hiou_gn"), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
+              description="baseline and Harmonic + HIoU with GroupNorm in RetinaNet's head towers (torchvision's v2 "
+              "head), where the v1 head's regression units died"),
         # the HIoU weight as a dose-response: alpha 0 is the attribution's `harmonic`, 1.5 the default's
         # `harmonic_hiou` (1.5 reported best [R])
         Sweep("alpha", tuple(f"hiou_alpha_{a}" for a in (0.5, 1.0, 2.0)), seeds=TEST_BED_SEEDS, parameters=TEST_BED,

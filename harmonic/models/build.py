@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
@@ -9,7 +11,7 @@ from torchvision.models.detection.ssd import SSDHead
 
 from harmonic.models.backbones import RefineDetVGG16, build_backbone, default_anchor_sizes, level_strides
 from harmonic.models.common import StatsMixin, unwrap
-from harmonic.models.config import DetectorConfig
+from harmonic.models.config import HEAD_GN_GROUPS, DetectorConfig
 from harmonic.models.faster_rcnn import HarmonicFasterRCNN
 from harmonic.models.fcos import HarmonicFCOS, HarmonicFCOSHead
 from harmonic.models.mask_rcnn import HarmonicMaskRCNN
@@ -73,6 +75,7 @@ def build_detector(cfg: DetectorConfig) -> nn.Module:
         head = HarmonicRetinaNetHead(
             channels, anchors.num_anchors_per_location()[0], num_classes,
             options=options, comparison=cfg.comparison_options(), crowd_iof_thresh=cfg.crowd_iof_thresh,
+            norm_layer=partial(nn.GroupNorm, HEAD_GN_GROUPS) if cfg.head_norm == "gn" else None,
         )
         return HarmonicRetinaNet(
             backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors, head=head, **post

@@ -38,6 +38,9 @@ COMPARISON_ARCHS = ("retinanet",)
 #: backbones available to each architecture (vgg16 is the SSD300 / RefineDet512 network)
 ARCH_BACKBONES = {arch: FPN_BACKBONES for arch in ARCHS} | {"ssd": BACKBONES, "refinedet": BACKBONES}
 NORMS = ("frozen_bn", "bn", "gn")
+#: RetinaNet head normalization: None (torchvision's v1 head) or "gn" (its v2 head's GroupNorm)
+HEAD_NORMS = (None, "gn")
+HEAD_GN_GROUPS = 32
 #: backbones that ``pretrained_backbone="shapes"`` can pretrain (:mod:`harmonic.models.pretrain`)
 SHAPES_BACKBONES = ("resnet18_fpn", "resnet50_fpn")
 
@@ -103,6 +106,9 @@ class DetectorConfig:
     * ``crowd_iof_thresh``: RetinaNet / FCOS: a negative anchor whose box lies more than this fraction
       inside a target's ``crowd_boxes`` is ignored [D]. Faster R-CNN, Mask R-CNN, SSD and RefineDet
       ignore ``crowd_boxes``.
+    * ``head_norm``: RetinaNet only: ``None`` (torchvision's ``retinanet_resnet50_fpn`` head: conv + ReLU, no
+      normalization) or ``"gn"`` (GroupNorm of 32 groups after each head conv, as torchvision's
+      ``retinanet_resnet50_fpn_v2``; the number of groups divides ``fpn_channels``).
     * ``refinedet_harmonic_arm``: RefineDet with ``loss="harmonic"``: also apply the Harmonic loss to the
       anchor refinement module's positives (its binary cross-entropy as a two-column softmax, so
       beta_c = objectness of the positive) [D]; off by default, when the Harmonic loss covers the object
@@ -136,6 +142,7 @@ class DetectorConfig:
     score_thresh: float | None = None
     crowd_iof_thresh: float = 0.5
     refinedet_harmonic_arm: bool = False
+    head_norm: str | None = None
 
     # ------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -189,6 +196,14 @@ class DetectorConfig:
         if not is_number(self.crowd_iof_thresh) or not 0 < self.crowd_iof_thresh <= 1:
             raise ValueError(f"DetectorConfig.crowd_iof_thresh must be a number in (0, 1], got {self.crowd_iof_thresh!r}")
         self._check_refinedet_switch()
+        if self.head_norm not in HEAD_NORMS:
+            raise ValueError(f"DetectorConfig.head_norm must be one of {HEAD_NORMS}, got {self.head_norm!r}")
+        if self.head_norm is not None and self.arch != "retinanet":
+            raise ValueError(f"DetectorConfig.head_norm applies to arch='retinanet' only (the others keep torchvision's "
+                             f"heads), got arch={self.arch!r}")
+        if self.head_norm == "gn" and self.fpn_channels % HEAD_GN_GROUPS:
+            raise ValueError(f"DetectorConfig.head_norm='gn' uses {HEAD_GN_GROUPS} groups, which must divide "
+                             f"fpn_channels, got {self.fpn_channels}")
 
     def _check_refinedet_switch(self) -> None:
         if not isinstance(self.refinedet_harmonic_arm, bool):

@@ -582,3 +582,22 @@ def test_mask_rcnn_needs_masks_of_the_image_size_one_per_box():
         model(images, bad)
     assert build_detector(tiny("mask_rcnn")).roi_heads.has_mask() and not build_detector(tiny("faster_rcnn")).roi_heads.has_mask()
     assert tiny("mask_rcnn").needs_masks and not tiny("faster_rcnn").needs_masks
+
+
+def test_head_norm_gn_puts_group_norm_in_both_retinanet_towers_and_is_checked():
+    from torch import nn as tnn
+
+    model = build(tiny("retinanet", head_norm="gn"))
+    for tower in (model.head.classification_head.conv, model.head.regression_head.conv):
+        norms = [m for m in tower.modules() if isinstance(m, tnn.GroupNorm)]
+        assert len(norms) == len(tower) and all(n.num_groups == 32 for n in norms)
+    assert not any(isinstance(m, tnn.GroupNorm) for m in build(tiny("retinanet")).head.modules())
+    images, targets = batch()
+    losses = train_losses(build(tiny("retinanet", head_norm="gn", loss="harmonic")), images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="head_norm"):
+        tiny("fcos", head_norm="gn")
+    with pytest.raises(ValueError, match="head_norm"):
+        tiny("retinanet", head_norm="bn")
+    with pytest.raises(ValueError, match="divide"):
+        tiny("retinanet", head_norm="gn", fpn_channels=48)

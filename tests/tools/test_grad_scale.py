@@ -53,3 +53,19 @@ def test_l1_gradient_is_the_sign_of_the_offset_error():
     leaf = reg.detach().requires_grad_()
     (leaf - encoded).abs().sum().backward()
     torch.testing.assert_close(leaf.grad, torch.sign(reg.detach() - encoded))
+
+
+def test_dead_channels_counts_units_silent_on_every_input():
+    torch.manual_seed(0)
+    model = build_detector(tiny("retinanet", min_size=64, max_size=64, anchor_sizes=ANCHORS)).eval()
+    images, targets = _data()
+    fresh = grad_scale.dead_channels(model, images, targets)
+    assert len(fresh["regression"]) == len(model.head.regression_head.conv) and max(fresh["regression"]) < 0.5
+    # kill the first regression layer's units: biases far below any input, so every output is clamped to 0
+    first = model.head.regression_head.conv[0][0]
+    with torch.no_grad():
+        first.bias[:8] = -1e6
+    out = grad_scale.dead_channels(model, images, targets)
+    channels = first.out_channels
+    assert out["regression"][0] >= max(8 / channels, fresh["regression"][0] + 1 / channels)
+    assert out["classification"] == fresh["classification"]
