@@ -145,7 +145,19 @@ def _batch(dataset, count: int, seed: int):
     return [img for img, _ in items], [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in items]
 
 
-def run_measurement(run_dir: Path, images: int, seed: int) -> dict[str, Any]:
+def positives_iou(model, images, targets) -> tuple[int, float]:
+    """``(number of positive anchors, mean IoU of their decoded boxes with their objects)``."""
+    from harmonic.losses import aligned_box_iou
+
+    model.eval()
+    with torch.no_grad():
+        reg, _, anchors, gt, _ = _positives(model, images, targets)
+        return reg.shape[0], float(aligned_box_iou(model.box_coder.decode_single(reg, anchors), gt).mean())
+
+
+def run_measurement(run_dir: Path, images: int, seed: int, *, dead_only: bool = False) -> dict[str, Any]:
+    """The record of one run folder: both measurements before and after training, or with ``dead_only`` the
+    trained model's dead channels and positives' IoU alone."""
     from harmonic.data import build_dataset
     from harmonic.engine.checkpoints import load_checkpoint, load_model
     from harmonic.models import DetectorConfig, build_detector
@@ -157,9 +169,14 @@ def run_measurement(run_dir: Path, images: int, seed: int) -> dict[str, Any]:
     dataset = build_dataset(ckpt["config"]["dataset"], "train", ckpt["config"].get("image_dir"), train=False)
     imgs, targets = _batch(dataset, images, seed)
     trained, _ = load_model(ckpt)
+    record = {"run": run_dir.name, "iteration": ckpt.get("iteration"), "alpha": alpha, "gamma": gamma, "images": images}
+    if dead_only:
+        count, iou = positives_iou(trained, imgs, targets)
+        record["after_training"] = {"num_positives": count, "mean_iou": iou,
+                                    "dead_channels": dead_channels(trained, imgs, targets)}
+        return record
     torch.manual_seed(int(ckpt["config"].get("seed", 0)))
     fresh = build_detector(DetectorConfig.from_dict(detector))
-    record = {"run": run_dir.name, "iteration": ckpt.get("iteration"), "alpha": alpha, "gamma": gamma, "images": images}
     for when, model in (("before_training", fresh), ("after_training", trained)):
         record[when] = measure(model, imgs, targets, alpha=alpha, gamma=gamma)
         record[when]["dead_channels"] = dead_channels(model, imgs, targets)
@@ -171,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders with checkpoints/final.pt")
     parser.add_argument("--images", type=int, default=64, help="training images in the batch (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="which images (default 0)")
+    parser.add_argument("--dead-only", action="store_true",
+                        help="only the trained model's dead head channels and positives' IoU (no gradients)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "testbed" / "grad_scale.json")
     args = parser.parse_args(argv)
     if args.images < 1:
@@ -179,16 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     from harmonic.utils.files import atomic_write_json
     from harmonic.utils.provenance import provenance
 
-    records = [run_measurement(run, args.images, args.seed) for run in args.runs]
+    records = [run_measurement(run, args.images, args.seed, dead_only=args.dead_only) for run in args.runs]
     atomic_write_json(args.out, {"provenance": provenance(), "tag": "[D]", "runs": records})
     for record in records:
         for when in ("before_training", "after_training"):
+            if when not in record:
+                continue
             m = record[when]
             dead = m["dead_channels"]
             print(f"{record['run']} {when}: {m['num_positives']} positives, mean IoU {m['mean_iou']:.3f}, dead channels "
                   f"regression {[round(x, 2) for x in dead['regression']]} classification "
                   f"{[round(x, 2) for x in dead['classification']]}")
-            for name, t in m["terms"].items():
+            for name, t in m.get("terms", {}).items():
                 print(f"  {name:14s} anchor |g|/|g_L1| median {t['anchor_norm_ratio_median']:.2f}  cos {t['anchor_cosine_mean']:+.2f}"
                       f"  head |g|/|g_L1| {t['head_norm_ratio']:.2f}  cos {t['head_cosine']:+.2f}  step x{t['head_step_growth']:.2f}")
     print(f"wrote {args.out}")

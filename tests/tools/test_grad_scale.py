@@ -69,3 +69,12 @@ def test_dead_channels_counts_units_silent_on_every_input():
     channels = first.out_channels
     assert out["regression"][0] >= max(8 / channels, fresh["regression"][0] + 1 / channels)
     assert out["classification"] == fresh["classification"]
+
+
+def test_positives_iou_matches_measure():
+    torch.manual_seed(0)
+    model = build_detector(tiny("retinanet", min_size=64, max_size=64, anchor_sizes=ANCHORS))
+    images, targets = _data()
+    count, iou = grad_scale.positives_iou(model, images, targets)
+    full = grad_scale.measure(model, images, targets, alpha=1.5, gamma=0.8)
+    assert count == full["num_positives"] and iou == pytest.approx(full["mean_iou"])
