@@ -142,7 +142,6 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("torchvision's GIoU, without the factors (control)", "baseline_giou", "baseline"),
     ("HIoU against GIoU, both without the factors", "baseline_hiou", "baseline_giou"),
     ("a 2x box-loss weight, no IoU term (control)", "baseline_l1x2", "baseline"),
-    ("a 3x box-loss weight, no IoU term (control)", "baseline_l1x3", "baseline"),
     ("the whole method, GroupNorm heads", "harmonic_hiou_gn", "baseline_gn"),
     ("GroupNorm heads, baseline loss", "baseline_gn", "baseline"),
     ("GroupNorm heads, Harmonic + HIoU", "harmonic_hiou_gn", "harmonic_hiou"),

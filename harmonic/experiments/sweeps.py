@@ -43,9 +43,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the regression head's gradient by 1.5x (fresh head) to 1.9-2.2x (trained), tools/grad_scale.py: does a
     # step that much larger alone stall the regression? [D]
     "baseline_l1x2": {"loss": "harmonic", "hiou": False, "factors": False, "box_weight": 2.0},
-    # ... and 3 L1: about the step of the detached Harmonic + HIoU, whose (1 + beta_c), 1.3 early to 1.7 late in
-    # training (its logs), multiplies L1 + 1.5 HIoU
-    "baseline_l1x3": {"loss": "harmonic", "hiou": False, "factors": False, "box_weight": 3.0},
     # the default study's two main variants with GroupNorm in the head towers (torchvision's v2 RetinaNet head):
     # the regression tower of torchvision's v1 head (conv + ReLU) loses its last layer's units when the box loss's
     # gradient grows (tools/grad_scale.py dead_channels) [D]; does the comparison change where they cannot die?
@@ -111,11 +108,10 @@ SWEEPS: dict[str, Sweep] = {
               description="make reproduce: baseline vs Harmonic + HIoU (factors through and detached), RetinaNet "
               "R18-FPN with a shapes-pretrained backbone on the shapes-study data"),
         # which part of the method moves AP, and does any IoU-type term do the same here?
-        Sweep("attribution", ("harmonic", "baseline_hiou", "baseline_giou", "baseline_l1x2", "baseline_l1x3"),
-              seeds=TEST_BED_SEEDS,
+        Sweep("attribution", ("harmonic", "baseline_hiou", "baseline_giou", "baseline_l1x2"), seeds=TEST_BED_SEEDS,
               parameters=TEST_BED,
               description="Harmonic without HIoU; focal + L1 + 1.5 HIoU without factors; focal + L1 + 1.5 GIoU "
-              "(torchvision's) without factors; focal + 2 L1 and focal + 3 L1 (the box term's weight alone)"),
+              "(torchvision's) without factors; focal + 2 L1 (the box term's weight alone)"),
         # is the loss of Harmonic + HIoU the dying regression tower? The same pair with GroupNorm heads
         Sweep("head_norm", ("baseline_gn", "harmonic_hiou_gn"), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
               description="baseline and Harmonic + HIoU with GroupNorm in RetinaNet's head towers (torchvision's v2 "
