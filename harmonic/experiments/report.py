@@ -145,6 +145,8 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("the whole method, GroupNorm heads", "harmonic_hiou_gn", "baseline_gn"),
     ("GroupNorm heads, baseline loss", "baseline_gn", "baseline"),
     ("GroupNorm heads, Harmonic + HIoU", "harmonic_hiou_gn", "harmonic_hiou"),
+    ("the gradient through the factors, GroupNorm heads", "harmonic_hiou_gn", "harmonic_hiou_detached_gn"),
+    ("the whole method with detached factors, GroupNorm heads", "harmonic_hiou_detached_gn", "baseline_gn"),
     ("HIoU against the same weight on L1, both without the factors", "baseline_hiou", "baseline_l1x2"),
     ("the factors, given HIoU", "harmonic_hiou", "baseline_hiou"),
     ("the gradient through the factors", "harmonic_hiou", "harmonic_hiou_detached"),

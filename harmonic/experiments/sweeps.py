@@ -48,6 +48,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # gradient grows (tools/grad_scale.py dead_channels) [D]; does the comparison change where they cannot die?
     "baseline_gn": {"loss": "baseline", "head_norm": "gn"},
     "harmonic_hiou_gn": {"loss": "harmonic", "hiou": True, "head_norm": "gn"},
+    "harmonic_hiou_detached_gn": {"loss": "harmonic", "hiou": True, "detach_factors": True, "head_norm": "gn"},
     # comparison losses, RetinaNet only: our implementation of other papers' formulas [D]
     # (GFL's quality focal loss, VarifocalNet's varifocal loss, IoU-balanced weights; harmonic.losses.comparison)
     "qfl": {"loss": "qfl"},
@@ -113,9 +114,10 @@ SWEEPS: dict[str, Sweep] = {
               description="Harmonic without HIoU; focal + L1 + 1.5 HIoU without factors; focal + L1 + 1.5 GIoU "
               "(torchvision's) without factors; focal + 2 L1 (the box term's weight alone)"),
         # is the loss of Harmonic + HIoU the dying regression tower? The same pair with GroupNorm heads
-        Sweep("head_norm", ("baseline_gn", "harmonic_hiou_gn"), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
-              description="baseline and Harmonic + HIoU with GroupNorm in RetinaNet's head towers (torchvision's v2 "
-              "head), where the v1 head's regression units died"),
+        Sweep("head_norm", ("baseline_gn", "harmonic_hiou_gn", "harmonic_hiou_detached_gn"), seeds=TEST_BED_SEEDS,
+              parameters=TEST_BED,
+              description="baseline and Harmonic + HIoU (factors through and detached) with GroupNorm in RetinaNet's "
+              "head towers (torchvision's v2 head), where the v1 head's regression units died"),
         # the HIoU weight as a dose-response: alpha 0 is the attribution's `harmonic`, 1.5 the default's
         # `harmonic_hiou` (1.5 reported best [R])
         Sweep("alpha", tuple(f"hiou_alpha_{a}" for a in (0.5, 1.0, 2.0)), seeds=TEST_BED_SEEDS, parameters=TEST_BED,
