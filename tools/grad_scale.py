@@ -44,28 +44,36 @@ def _terms(alpha: float, gamma: float):
     }
 
 
-def _positives(model, images, targets):
-    """``(regression outputs [P, 4] (graph leaf of the head), encoded targets, anchors, gt boxes, image index)``."""
+def _matched(model, images, targets) -> dict[str, Any]:
+    """The batch through the transform and the (frozen-graph) backbone once, with each image's positive
+    anchors as training matches them: ``{"features", "rows" (per image: positive anchor indices or None),
+    "encoded" [P, 4], "anchors" [P, 4], "gt" [P, 4]}``."""
     from torchvision.ops import box_iou
 
     batch, targets = model.transform(images, targets)
     with torch.no_grad():
         features = list(model.backbone(batch.tensors).values())
-    head = model.head(features)
-    anchors = model.anchor_generator(batch, features)
-    regs, encoded, anchor_rows, gts, owner = [], [], [], [], []
+        anchors = model.anchor_generator(batch, features)
+    rows, encoded, anchor_rows, gts = [], [], [], []
     for i, target in enumerate(targets):
         if target["boxes"].numel() == 0:
+            rows.append(None)
             continue
         matched = model.proposal_matcher(box_iou(target["boxes"], anchors[i]))
         pos = torch.where(matched >= 0)[0]
         gt = target["boxes"][matched[pos]]
-        regs.append(head["bbox_regression"][i][pos].float())
+        rows.append(pos)
         encoded.append(model.box_coder.encode_single(gt, anchors[i][pos]))
         anchor_rows.append(anchors[i][pos])
         gts.append(gt)
-        owner.append(torch.full((pos.numel(),), i))
-    return torch.cat(regs), torch.cat(encoded), torch.cat(anchor_rows), torch.cat(gts), torch.cat(owner)
+    return {"features": features, "rows": rows, "encoded": torch.cat(encoded), "anchors": torch.cat(anchor_rows),
+            "gt": torch.cat(gts)}
+
+
+def _regression(model, matched: dict[str, Any]) -> torch.Tensor:
+    """The regression head's outputs of the positives, [P, 4] float32, in the graph of the head's parameters."""
+    out = model.head.regression_head(matched["features"])
+    return torch.cat([out[i][pos].float() for i, pos in enumerate(matched["rows"]) if pos is not None])
 
 
 def measure(model, images, targets, *, alpha: float, gamma: float) -> dict[str, Any]:
@@ -74,7 +82,9 @@ def measure(model, images, targets, *, alpha: float, gamma: float) -> dict[str, 
 
     model.eval()
     params = [p for p in model.head.regression_head.parameters() if p.requires_grad]
-    reg, encoded, anchors, gt, _ = _positives(model, images, targets)
+    matched = _matched(model, images, targets)
+    encoded, anchors, gt = matched["encoded"], matched["anchors"], matched["gt"]
+    reg = _regression(model, matched)
     count = reg.shape[0]
     decode = model.box_coder.decode_single
     out: dict[str, Any] = {"num_positives": count}
@@ -88,19 +98,20 @@ def measure(model, images, targets, *, alpha: float, gamma: float) -> dict[str, 
         return grad
 
     def param_grad(loss_of) -> torch.Tensor:
-        """d(sum over positives / P) / d(regression head parameters), flattened: a fresh forward pass."""
-        reg_p, enc_p, anc_p, gt_p, _ = _positives(model, images, targets)
-        loss = loss_of(reg_p, enc_p, anc_p, gt_p).sum() / max(1, count)
+        """d(sum over positives / P) / d(regression head parameters), flattened: the head alone again."""
+        loss = loss_of(_regression(model, matched)).sum() / max(1, count)
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
-    g_l1 = anchor_grad(lambda r: (r - encoded).abs().sum(1))  # torchvision RetinaNet's L1 on encoded offsets
-    p_l1 = param_grad(lambda r, e, a, g: (r - e).abs().sum(1))
+    l1 = lambda r: (r - encoded).abs().sum(1)  # noqa: E731 - torchvision RetinaNet's L1 on encoded offsets
+    g_l1 = anchor_grad(l1)
+    p_l1 = param_grad(l1)
     out["terms"] = {}
     for name, term in _terms(alpha, gamma).items():
-        g_term = anchor_grad(lambda r, term=term: term(decode(r, anchors), gt))
+        loss_of = lambda r, term=term: term(decode(r, anchors), gt)  # noqa: E731
+        g_term = anchor_grad(loss_of)
         ratio = (g_term.norm(dim=1) / g_l1.norm(dim=1).clamp_min(1e-12)).tolist()
         cosine = torch.nn.functional.cosine_similarity(g_term, g_l1, dim=1, eps=1e-12)
-        p_term = param_grad(lambda r, e, a, g, term=term: term(decode(r, a), g))
+        p_term = param_grad(loss_of)
         quantiles = statistics.quantiles(ratio, n=10) if len(ratio) > 1 else ratio * 9
         out["terms"][name] = {
             "anchor_norm_ratio_p10": quantiles[0], "anchor_norm_ratio_median": statistics.median(ratio),
@@ -145,16 +156,6 @@ def _batch(dataset, count: int, seed: int):
     return [img for img, _ in items], [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in items]
 
 
-def positives_iou(model, images, targets) -> tuple[int, float]:
-    """``(number of positive anchors, mean IoU of their decoded boxes with their objects)``."""
-    from harmonic.losses import aligned_box_iou
-
-    model.eval()
-    with torch.no_grad():
-        reg, _, anchors, gt, _ = _positives(model, images, targets)
-        return reg.shape[0], float(aligned_box_iou(model.box_coder.decode_single(reg, anchors), gt).mean())
-
-
 def run_measurement(run_dir: Path, images: int, seed: int, *, dead_only: bool = False) -> dict[str, Any]:
     """The record of one run folder: both measurements before and after training, or with ``dead_only`` the
     trained model's dead channels and positives' IoU alone."""
@@ -171,8 +172,10 @@ def run_measurement(run_dir: Path, images: int, seed: int, *, dead_only: bool = 
     trained, _ = load_model(ckpt)
     record = {"run": run_dir.name, "iteration": ckpt.get("iteration"), "alpha": alpha, "gamma": gamma, "images": images}
     if dead_only:
-        count, iou = positives_iou(trained, imgs, targets)
-        record["after_training"] = {"num_positives": count, "mean_iou": iou,
+        from testbed import positive_iou  # tools/testbed.py, beside this script
+
+        measured = positive_iou(trained, list(zip(imgs, targets)))
+        record["after_training"] = {"num_positives": measured["num_positives"], "mean_iou": measured["pos_iou"],
                                     "dead_channels": dead_channels(trained, imgs, targets)}
         return record
     torch.manual_seed(int(ckpt["config"].get("seed", 0)))

@@ -49,7 +49,8 @@ def test_l1_gradient_is_the_sign_of_the_offset_error():
     torch.manual_seed(0)
     model = build_detector(tiny("retinanet", min_size=64, max_size=64, anchor_sizes=ANCHORS)).eval()
     images, targets = _data()
-    reg, encoded, *_ = grad_scale._positives(model, images, targets)
+    matched = grad_scale._matched(model, images, targets)
+    reg, encoded = grad_scale._regression(model, matched), matched["encoded"]
     leaf = reg.detach().requires_grad_()
     (leaf - encoded).abs().sum().backward()
     torch.testing.assert_close(leaf.grad, torch.sign(reg.detach() - encoded))
@@ -71,10 +72,13 @@ def test_dead_channels_counts_units_silent_on_every_input():
     assert out["classification"] == fresh["classification"]
 
 
-def test_positives_iou_matches_measure():
+def test_dead_only_iou_matches_measure():
+    """--dead-only reads the positives' IoU from tools/testbed.py; measure computes it from its own matching."""
+    import testbed
+
     torch.manual_seed(0)
     model = build_detector(tiny("retinanet", min_size=64, max_size=64, anchor_sizes=ANCHORS))
     images, targets = _data()
-    count, iou = grad_scale.positives_iou(model, images, targets)
+    measured = testbed.positive_iou(model, list(zip(images, targets)))
     full = grad_scale.measure(model, images, targets, alpha=1.5, gamma=0.8)
-    assert count == full["num_positives"] and iou == pytest.approx(full["mean_iou"])
+    assert measured["num_positives"] == full["num_positives"] and measured["pos_iou"] == pytest.approx(full["mean_iou"])
