@@ -11,11 +11,25 @@ from typing import Any
 
 from harmonic.utils.files import atomic_write_bytes
 
-__all__ = ["LOG_NAME", "PACKED_LOG_NAME", "find_log", "pack_log", "read_log", "unpack_log"]
+__all__ = ["LOG_NAME", "PACKED_LOG_NAME", "SIGNIFICANT_DIGITS", "find_log", "pack_log", "read_log", "unpack_log"]
 
 #: a run's log while it trains, and the compressed form a finished run keeps (see :func:`pack_log`)
 LOG_NAME = "log.jsonl"
 PACKED_LOG_NAME = "log.jsonl.gz"
+#: significant digits a packed log keeps of each float: float32's decimal precision, which is what the
+#: logged losses and statistics carry (their 17-digit float64 repr is noise that compresses badly)
+SIGNIFICANT_DIGITS = 7
+
+
+def _rounded(value: Any) -> Any:
+    """``value`` with every float rounded to :data:`SIGNIFICANT_DIGITS` significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
 
 
 def find_log(run_dir: str | os.PathLike) -> Path:
@@ -28,12 +42,14 @@ def find_log(run_dir: str | os.PathLike) -> Path:
 
 def pack_log(run_dir: str | os.PathLike) -> Path | None:
     """Compress a finished run's ``log.jsonl`` into ``log.jsonl.gz`` (atomically, reproducible bytes) and
-    remove the plain file; the log is about 5x smaller in a committed run folder. Returns the packed path
-    (None when there is no plain log)."""
+    remove the plain file. Floats are kept to :data:`SIGNIFICANT_DIGITS` significant digits, records are
+    written without spaces, and an unfinished last line is dropped (as :func:`read_log` does): the packed
+    log is about 10x smaller than the plain one. Returns the packed path (None when there is no plain log)."""
     plain = Path(run_dir) / LOG_NAME
     if not plain.is_file():
         return None
-    packed = atomic_write_bytes(plain.with_name(PACKED_LOG_NAME), gzip.compress(plain.read_bytes(), 9, mtime=0))
+    lines = [json.dumps(_rounded(record), separators=(",", ":"), allow_nan=False) + "\n" for record in read_log(plain)]
+    packed = atomic_write_bytes(plain.with_name(PACKED_LOG_NAME), gzip.compress("".join(lines).encode(), 9, mtime=0))
     plain.unlink()
     return packed
 

@@ -8,7 +8,7 @@ from harmonic.utils.runlog import find_log, pack_log, read_log, unpack_log
 
 
 def test_pack_and_unpack_round_trip(tmp_path):
-    records = [{"iter": i, "loss": 1.0 / i} for i in range(1, 4)]
+    records = [{"iter": i, "loss": 1.0 / 2**i} for i in range(1, 4)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert find_log(tmp_path).name == "log.jsonl"
     packed = pack_log(tmp_path)
@@ -18,6 +18,15 @@ def test_pack_and_unpack_round_trip(tmp_path):
     unpack_log(tmp_path)
     assert find_log(tmp_path).name == "log.jsonl" and read_log(tmp_path) == records
     assert not (tmp_path / "log.jsonl.gz").exists()
+
+
+def test_packing_keeps_float32_precision_and_drops_a_cut_last_line(tmp_path):
+    records = [{"iter": 1, "loss": 0.12345678901234, "watch": {"p": [1.0000000123, 2.5e-12]}, "tag": "x"}]
+    plain = tmp_path / "log.jsonl"
+    plain.write_text(json.dumps(records[0]) + '\n{"iter": 2, "lo')
+    packed = read_log(pack_log(tmp_path))
+    assert packed == [{"iter": 1, "loss": 0.1234568, "watch": {"p": [1.0, 2.5e-12]}, "tag": "x"}]
+    assert isinstance(packed[0]["iter"], int)
 
 
 def test_a_cut_last_line_is_skipped_but_a_broken_middle_line_is_an_error(tmp_path):
