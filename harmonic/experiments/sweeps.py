@@ -43,6 +43,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the regression head's gradient by 1.5x (fresh head) to 1.9-2.2x (trained), tools/grad_scale.py: does a
     # step that much larger alone stall the regression? [D]
     "baseline_l1x2": {"loss": "harmonic", "hiou": False, "factors": False, "box_weight": 2.0},
+    # Harmonic + HIoU with one factor applied: (1 + beta_r) on the classification term only, or (1 + beta_c)
+    # on the localization term only (the other term unweighted): which term the factors' cost comes from [D]
+    "harmonic_hiou_cls_factor": {"loss": "harmonic", "hiou": True, "factor_terms": "cls"},
+    "harmonic_hiou_box_factor": {"loss": "harmonic", "hiou": True, "factor_terms": "box"},
     # the default study's two main variants with GroupNorm in the head towers (torchvision's v2 RetinaNet head):
     # the regression tower of torchvision's v1 head (conv + ReLU) loses its last layer's units when the box loss's
     # gradient grows (tools/grad_scale.py dead_channels) [D]; does the comparison change where they cannot die?
@@ -118,6 +122,11 @@ SWEEPS: dict[str, Sweep] = {
               parameters=TEST_BED,
               description="baseline and Harmonic + HIoU (factors through and detached) with GroupNorm in RetinaNet's "
               "head towers (torchvision's v2 head), where the v1 head's regression units died"),
+        # the factors' cost given HIoU (harmonic_hiou against baseline_hiou), one term at a time
+        Sweep("factor_terms", ("harmonic_hiou_cls_factor", "harmonic_hiou_box_factor"), seeds=TEST_BED_SEEDS,
+              parameters=TEST_BED,
+              description="Harmonic + HIoU with (1 + beta_r) on the classification term only, and with (1 + beta_c) "
+              "on the localization term only (the other term unweighted)"),
         # the HIoU weight as a dose-response: alpha 0 is the attribution's `harmonic`, 1.5 the default's
         # `harmonic_hiou` (1.5 reported best [R])
         Sweep("alpha", tuple(f"hiou_alpha_{a}" for a in (0.5, 1.0, 2.0)), seeds=TEST_BED_SEEDS, parameters=TEST_BED,

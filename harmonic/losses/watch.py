@@ -15,6 +15,11 @@ With ``x`` the classification loss that defines ``beta_c = e^-x`` and ``y`` the 
 With detached factors (``detach_factors=True``) the factors are constants: the multipliers are
 ``1 + e^-y`` and ``1 + e^-x``, both in (1, 2], so nothing is reversed [D].
 
+With one factor applied (``factor_terms``, an attribution control [D]), the other term is unweighted:
+``F = (1 + e^-y) x + y`` ("cls") has ``dF/dx = 1 + e^-y > 0`` and ``dF/dy = 1 - x e^-y``;
+``F = x + (1 + e^-x) y`` ("box") has ``dF/dx = 1 - y e^-x``, negative for ``x < ln y`` (possible for
+``y > 1``), and ``dF/dy = 1 + e^-x > 0``.
+
 :func:`watch_statistics` turns the positives' detached ``x``, ``y``, decoded IoU and ground-truth class
 score into the numbers of :data:`WATCH_KEYS`, computed as one tensor (no host synchronization here; the
 caller reads them all at once, e.g. :func:`harmonic.models.get_stats`).
@@ -25,11 +30,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["QUANTILES", "WATCH_KEYS", "WATCH_QUANTITIES", "Y_REVERSAL", "watch_statistics"]
+__all__ = ["FACTOR_TERMS", "QUANTILES", "WATCH_KEYS", "WATCH_QUANTITIES", "Y_REVERSAL", "watch_statistics"]
 
 #: [D] ``1 + W(1/e)``, the root of ``y - e^-y = 1``: for ``y <= Y_REVERSAL``, ``ln y - ln(1 + e^-y) <= 0``
 #: and Eq. 9 holds for every ``x >= 0``; only positives with ``y`` above it can have ``dF/dx < 0``.
 Y_REVERSAL = 1.2784645427610738
+#: which terms the harmonic factors weight: both (Eq. 1), the classification term only (``(1 + beta_r) CE``)
+#: or the localization term only (``(1 + beta_c) L_loc``)
+FACTOR_TERMS = ("both", "cls", "box")
 #: the percentiles reported per quantity, as fractions
 QUANTILES = (0.1, 0.5, 0.9)
 #: the per-positive quantities summarized by percentiles: x (the factor's CE), y (L_loc), decoded IoU,
@@ -68,6 +76,7 @@ def watch_statistics(
     *,
     detach_factors: bool = False,
     counterfactual: bool = False,
+    factor_terms: str = "both",
 ) -> dict[str, Tensor]:
     """The watch statistics of P positives, as 0-dim detached tensors keyed by :data:`WATCH_KEYS`.
 
@@ -80,6 +89,8 @@ def watch_statistics(
             are differentiated through (Eq. 8 and Eq. 5).
         counterfactual: the numbers describe a loss that was not trained (a baseline run logging the
             ``x`` and ``y`` the Harmonic loss would have used); recorded as ``watch/counterfactual`` 1 or 0.
+        factor_terms: the terms the factors weight, one of :data:`FACTOR_TERMS` (the derivatives of the
+            module docstring).
 
     Returns:
         ``{}`` for P = 0; otherwise ``watch/<q>_p10|p50|p90`` for q in :data:`WATCH_QUANTITIES` (linear
@@ -94,19 +105,22 @@ def watch_statistics(
         if not isinstance(value, Tensor) or value.dim() != 1 or value.shape != x.shape:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"{name} must be a 1-D tensor [P] like x {tuple(x.shape)}, got {shape}")
+    if factor_terms not in FACTOR_TERMS:
+        raise ValueError(f"factor_terms must be one of {FACTOR_TERMS}, got {factor_terms!r}")
     if x.numel() == 0:
         return {}
+    weighted_cls, weighted_box = factor_terms in ("both", "cls"), factor_terms in ("both", "box")
     with torch.no_grad():
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         values = torch.stack([v.detach().to(dtype) for v in (x, y, iou, score)])  # [4, P]
         x, y = values[0], values[1]
         percentiles = _percentiles(values).reshape(-1)  # [4 * 3], quantity-major
         beta_r, beta_c = torch.exp(-y), torch.exp(-x)
-        if detach_factors:
-            d_dx, d_dy = 1.0 + beta_r, 1.0 + beta_c
-        else:
-            d_dx = 1.0 + beta_r - y * beta_c  # Eq. 8
-            d_dy = 1.0 + beta_c - x * beta_r  # Eq. 5's bracket B(p, L) with p = e^-x, log p = -x, L = y
+        zero = torch.zeros_like(x)
+        # Eq. 8: dF/dx = 1 + e^-y - y e^-x; Eq. 5's bracket B(p, L) = dF/dy with p = e^-x, log p = -x, L = y;
+        # a factor left out contributes neither its value nor its derivative, a detached one only its value
+        d_dx = 1.0 + (beta_r if weighted_cls else zero) - (y * beta_c if weighted_box and not detach_factors else zero)
+        d_dy = 1.0 + (beta_c if weighted_box else zero) - (x * beta_r if weighted_cls and not detach_factors else zero)
         shares = torch.stack([
             (y > Y_REVERSAL).to(dtype).mean(),
             (d_dx < 0).to(dtype).mean(),

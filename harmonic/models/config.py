@@ -137,6 +137,7 @@ class DetectorConfig:
     iou_loss: str = "hiou"
     factors: bool = True
     box_weight: float = 1.0
+    factor_terms: str = "both"
     fused: bool | None = None
     detections_per_img: int | None = None
     score_thresh: float | None = None
@@ -322,6 +323,7 @@ class DetectorConfig:
             iou_loss=self.iou_loss,
             factors=self.factors,
             box_weight=self.box_weight,
+            factor_terms=self.factor_terms,
             fused=self.fused,
         )
         return options if self.loss == "harmonic" else None

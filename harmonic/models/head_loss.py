@@ -34,7 +34,7 @@ from harmonic.losses.harmonic import harmonic_factors
 from harmonic.losses.hiou import aligned_box_iou, check_gamma, hiou_from_iou
 from harmonic.losses.task_contrasting import FORMS as TC_FORMS
 from harmonic.losses.task_contrasting import class_entropy, task_contrasting_loss
-from harmonic.losses.watch import WATCH_KEYS, watch_statistics
+from harmonic.losses.watch import FACTOR_TERMS, WATCH_KEYS, watch_statistics
 from harmonic.ops.focal import check_logits_and_classes, positive_rows, select_focal_loss
 
 __all__ = [
@@ -89,6 +89,9 @@ class HarmonicOptions:
     ``box_weight``: the weight of the host's own box loss in L_loc (1, the paper's [R]); with ``factors=False``
     and ``hiou=False``, ``box_weight=2`` is the host's loss with its box term doubled, a control of
     the regression's gradient scale without an IoU-type term [D].
+    ``factor_terms``: which terms the factors weight, ``"both"`` (Eq. 1 [S]), ``"cls"`` (``(1 + beta_r) CE_i
+    + L_loc_i``) or ``"box"`` (``CE_i + (1 + beta_c) L_loc_i``): controls that attribute an effect of the
+    factors to one term [D]; only with ``factors=True``.
     """
 
     hiou: bool = True
@@ -103,6 +106,7 @@ class HarmonicOptions:
     iou_loss: str = "hiou"
     factors: bool = True
     box_weight: float = 1.0
+    factor_terms: str = "both"
 
     def __post_init__(self) -> None:
         for name in ("hiou", "detach_factors", "factors"):
@@ -128,6 +132,11 @@ class HarmonicOptions:
             raise ValueError(f"beta_c_source must be one of {BETA_C_SOURCES}, got {self.beta_c_source!r}")
         if self.iou_loss not in IOU_LOSSES:
             raise ValueError(f"iou_loss must be one of {IOU_LOSSES}, got {self.iou_loss!r}")
+        if self.factor_terms not in FACTOR_TERMS:
+            raise ValueError(f"factor_terms must be one of {FACTOR_TERMS}, got {self.factor_terms!r}")
+        if self.factor_terms != "both" and not self.factors:
+            raise ValueError(f"factor_terms={self.factor_terms!r} needs factors=True (with factors=False no term "
+                             "is weighted)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,6 +308,7 @@ def _compose(
     *,
     detach_factors: bool,
     factors: bool = True,
+    factor_terms: str = "both",
 ) -> dict[str, Tensor]:
     """Shared core: the two harmonic terms, normalized, and detached factor statistics.
 
@@ -308,14 +318,16 @@ def _compose(
     ``beta_r * CE_i`` of the positives, which equals the negatives' loss plus ``(1 + beta_r) * CE_i``
     without building the [A] tensor of weighted terms. ``factors=False``: the loss is the plain sum
     (classification loss + L_loc); the factors are computed, detached, for the statistics only.
+    ``factor_terms`` ``"cls"`` / ``"box"``: only that term is weighted (the other factor is 1).
     """
     cls_factor, reg_factor = harmonic_factors(factor_cls_loss, loc_loss, detach_factors=detach_factors or not factors)
     pos_normalizer = _at_positives(normalizer, positive)
-    if factors:
-        classification = _normalize(cls_loss, normalizer) + _normalize((cls_factor - 1.0) * cls_pos, pos_normalizer)
+    classification = _normalize(cls_loss, normalizer)
+    if factors and factor_terms in ("both", "cls"):
+        classification = classification + _normalize((cls_factor - 1.0) * cls_pos, pos_normalizer)
+    if factors and factor_terms in ("both", "box"):
         regression = _normalize(reg_factor * loc_loss, pos_normalizer)
     else:
-        classification = _normalize(cls_loss, normalizer)
         regression = _normalize(loc_loss, pos_normalizer)
     out = {
         "classification": classification,
@@ -336,13 +348,15 @@ def _watch(
     *,
     detach_factors: bool,
     counterfactual: bool = False,
+    factor_terms: str = "both",
 ) -> dict[str, Tensor]:
     """The watch statistics (:func:`watch_statistics` on the decoded boxes' ``iou``) and the detached
     samples (:data:`SAMPLE_KEYS`) of P positives; ``{}`` for P = 0. No host synchronization."""
     if x.numel() == 0:
         return {}
     with torch.no_grad():
-        out = watch_statistics(x, y, iou, score, detach_factors=detach_factors, counterfactual=counterfactual)
+        out = watch_statistics(x, y, iou, score, detach_factors=detach_factors, counterfactual=counterfactual,
+                               factor_terms=factor_terms)
         out.update(zip(SAMPLE_KEYS, (x.detach(), y.detach(), score.detach())))
     return out
 
@@ -402,9 +416,9 @@ def dense_harmonic_loss(
         focal = focal.index_add(0, positive, factor_cls - focal_gt)
         focal_pos = factor_cls
     out = _compose(focal, positive, focal_pos, factor_cls, loc, normalizer, detach_factors=options.detach_factors,
-                   factors=options.factors)
-    out.update(_watch(factor_cls, loc, iou, torch.sigmoid(gt_logit.detach()),
-                      detach_factors=options.detach_factors, counterfactual=not options.factors))
+                   factors=options.factors, factor_terms=options.factor_terms)
+    out.update(_watch(factor_cls, loc, iou, torch.sigmoid(gt_logit.detach()), detach_factors=options.detach_factors,
+                      counterfactual=not options.factors, factor_terms=options.factor_terms))
     if options.tc_weight > 0:
         out["task_contrasting"] = _task_contrasting(
             torch.sigmoid(gt_logit), logits, positive, iou, normalizer, options, kind="sigmoid"
@@ -447,9 +461,9 @@ def softmax_harmonic_loss(
     ce = F.cross_entropy(logits, labels, reduction="none")
     ce_pos = ce[positive]
     out = _compose(ce, positive, ce_pos, ce_pos, loc, norm, detach_factors=options.detach_factors,
-                   factors=options.factors)
-    out.update(_watch(ce_pos, loc, iou, torch.exp(-ce_pos.detach()),
-                      detach_factors=options.detach_factors, counterfactual=not options.factors))
+                   factors=options.factors, factor_terms=options.factor_terms)
+    out.update(_watch(ce_pos, loc, iou, torch.exp(-ce_pos.detach()), detach_factors=options.detach_factors,
+                      counterfactual=not options.factors, factor_terms=options.factor_terms))
     if options.tc_weight > 0:
         out["task_contrasting"] = _task_contrasting(
             torch.exp(-ce_pos), logits, positive, iou, norm, options, kind="softmax"

@@ -401,3 +401,12 @@ def test_setting_label_reads_the_first_runs_config(tmp_path):
     (runs[0].folder / "config.json").write_text(json.dumps({"config": {"dataset": "data/instances_train2017.json",
                                                                        "detector": {"arch": "faster_rcnn", "backbone": "resnet50_fpn", "pretrained_backbone": "imagenet"}}}))
     assert setting_label(runs) == ("Faster R-CNN R50-FPN, ImageNet backbone", "instances_train2017, val")
+
+
+def test_every_ranked_contrast_names_variants_that_a_sweep_runs():
+    from harmonic.experiments.report import CONTRASTS
+    from harmonic.experiments.sweeps import SWEEPS
+
+    swept = {variant for sweep in SWEEPS.values() for variant in sweep.variants}
+    for label, variant, reference in CONTRASTS:
+        assert variant in swept and reference in swept, label

@@ -52,7 +52,7 @@ def test_ablation_rows_are_cumulative():
 
 def test_the_retinanet_sweeps_on_the_test_bed_pair_by_seed_and_run_each_variant_once():
     on_bed = [s for s in SWEEPS.values() if s.parameters == TEST_BED and s.archs == ("retinanet",)]
-    assert {s.name for s in on_bed} == {"default", "attribution", "head_norm", "alpha", "gamma", "ablation", "beta_c",
+    assert {s.name for s in on_bed} == {"default", "attribution", "head_norm", "factor_terms", "alpha", "gamma", "ablation", "beta_c",
                                         "comparison"}
     seen: dict[str, str] = {}
     for sweep in on_bed:

@@ -138,3 +138,25 @@ def test_percentiles_equal_torch_quantile():
         values = torch.randn(4, p, generator=generator, dtype=torch.float64)
         expected = torch.quantile(values, torch.tensor(QUANTILES, dtype=torch.float64), dim=1).T
         torch.testing.assert_close(_percentiles(values), expected, rtol=0, atol=1e-12)
+
+
+def test_one_factor_changes_the_derivatives_as_computed_by_hand():
+    """x = 0.05, y = 1.2: the full loss has dF/dx = 1 + e^-1.2 - 1.2 e^-0.05 = 0.159719 > 0, but with
+    (1 + beta_c) on L_loc alone dF/dx = 1 - 1.2 e^-0.05 = -0.141475 < 0 (reversed), and with (1 + beta_r)
+    on CE alone dF/dx = 1 + e^-1.2 = 1.301194. dF/dy: full 1 + e^-0.05 - 0.05 e^-1.2 = 1.936170; "box"
+    1 + e^-0.05 = 1.951229; "cls" 1 - 0.05 e^-1.2 = 0.984940."""
+    x, y, iou, score = f64([0.05]), f64([1.2]), f64([0.5]), f64([0.95])
+    for terms, d_dx in (("both", 0.159719), ("box", -0.141475), ("cls", 1.301194)):
+        stats = watch_statistics(x, y, iou, score, factor_terms=terms)
+        assert float(stats["watch/cls_multiplier"]) == pytest.approx(d_dx, abs=1e-6), terms
+        assert float(stats["watch/reversed_share"]) == float(d_dx < 0), terms
+        assert float(stats["watch/box_pushed_away_share"]) == 0.0, terms
+    # x = 3, y = 0.2: only a differentiated (1 + beta_r) pushes the box away (1 - 3 e^-0.2 < 0)
+    x, y = f64([3.0]), f64([0.2])
+    pushed = {t: float(watch_statistics(x, y, iou, score, factor_terms=t)["watch/box_pushed_away_share"])
+              for t in ("both", "cls", "box")}
+    assert pushed == {"both": 1.0, "cls": 1.0, "box": 0.0}
+    detached = watch_statistics(x, y, iou, score, factor_terms="cls", detach_factors=True)
+    assert float(detached["watch/box_pushed_away_share"]) == 0.0
+    with pytest.raises(ValueError, match="factor_terms must be one of"):
+        watch_statistics(x, y, iou, score, factor_terms="neither")

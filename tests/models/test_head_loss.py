@@ -301,3 +301,44 @@ def test_cuda_matches_cpu():
     gpu = dense_harmonic_loss(logits.cuda(), GT.cuda(), box_loss.cuda(), pred.cuda(), target.cuda(), num_foreground=3, options=HarmonicOptions(tc_weight=1.0, fused=False))
     for key in ("classification", "bbox_regression", "task_contrasting", "beta_r", "beta_c"):
         torch.testing.assert_close(gpu[key].cpu(), cpu[key])
+
+
+@pytest.mark.parametrize("detach_factors", [False, True])
+def test_one_factor_weights_one_term_and_the_other_term_is_the_plain_one(detach_factors):
+    """``factor_terms="cls"``: the classification term of the full loss and the unweighted L_loc;
+    ``"box"``: the plain focal term and the weighted L_loc. Gradients: with "box" and differentiated
+    factors the logits also get -beta_c L_loc through beta_c = e^-x; with "cls" the box gets
+    -beta_r CE through beta_r = e^-y."""
+    def run(**kw):
+        logits, box_loss, pred, target = _case()
+        options = HarmonicOptions(detach_factors=detach_factors, **kw)
+        out = dense_harmonic_loss(logits, GT, box_loss, pred, target, num_foreground=3, options=options)
+        (out["classification"] + out["bbox_regression"]).backward()
+        return out, logits.grad, box_loss.grad
+
+    both, both_gl, both_gb = run()
+    none, none_gl, none_gb = run(factors=False)
+    cls, cls_gl, cls_gb = run(factor_terms="cls")
+    box, box_gl, box_gb = run(factor_terms="box")
+    torch.testing.assert_close(cls["classification"], both["classification"])
+    torch.testing.assert_close(cls["bbox_regression"], none["bbox_regression"])
+    torch.testing.assert_close(box["classification"], none["classification"])
+    torch.testing.assert_close(box["bbox_regression"], both["bbox_regression"])
+    negatives = GT < 0
+    torch.testing.assert_close(cls_gl[negatives], none_gl[negatives])  # negatives: the focal loss alone
+    if detach_factors:
+        torch.testing.assert_close(box_gl, none_gl)  # a constant (1 + beta_c) leaves the logits alone
+        torch.testing.assert_close(cls_gb, none_gb)  # a constant (1 + beta_r) leaves the box alone
+    else:
+        assert not torch.allclose(box_gl, none_gl) and not torch.allclose(cls_gb, none_gb)
+        # the two one-factor gradients add up to the full loss's, less the plain loss's counted twice
+        torch.testing.assert_close(cls_gl + box_gl - none_gl, both_gl)
+        torch.testing.assert_close(cls_gb + box_gb - none_gb, both_gb)
+    assert box["watch/counterfactual"].item() == 0.0 and cls["watch/counterfactual"].item() == 0.0
+
+
+def test_factor_terms_is_validated():
+    with pytest.raises(ValueError, match="factor_terms must be one of"):
+        HarmonicOptions(factor_terms="classification")
+    with pytest.raises(ValueError, match="needs factors=True"):
+        HarmonicOptions(factor_terms="box", factors=False)
