@@ -116,11 +116,15 @@ def watch_statistics(
         x, y = values[0], values[1]
         percentiles = _percentiles(values).reshape(-1)  # [4 * 3], quantity-major
         beta_r, beta_c = torch.exp(-y), torch.exp(-x)
-        zero = torch.zeros_like(x)
         # Eq. 8: dF/dx = 1 + e^-y - y e^-x; Eq. 5's bracket B(p, L) = dF/dy with p = e^-x, log p = -x, L = y;
         # a factor left out contributes neither its value nor its derivative, a detached one only its value
-        d_dx = 1.0 + (beta_r if weighted_cls else zero) - (y * beta_c if weighted_box and not detach_factors else zero)
-        d_dy = 1.0 + (beta_c if weighted_box else zero) - (x * beta_r if weighted_cls and not detach_factors else zero)
+        d_dx = 1.0 + beta_r if weighted_cls else torch.ones_like(x)
+        d_dy = 1.0 + beta_c if weighted_box else torch.ones_like(y)
+        if not detach_factors:
+            if weighted_box:
+                d_dx = d_dx - y * beta_c
+            if weighted_cls:
+                d_dy = d_dy - x * beta_r
         shares = torch.stack([
             (y > Y_REVERSAL).to(dtype).mean(),
             (d_dx < 0).to(dtype).mean(),
