@@ -16,6 +16,7 @@ from harmonic.experiments.report import (
     load_sweep_runs,
     markdown_assumptions,
     markdown_attribution,
+    markdown_claims,
     markdown_differences,
     markdown_paired,
     markdown_paper,
@@ -241,7 +242,7 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
     runs = load_sweep_runs(tmp_path, ["s"])
     summary, diffs = summarize(runs), paired_differences(runs)
     steps = [markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"), markdown_verdict(diffs, "harmonic_hiou"),
-             markdown_attribution(runs), markdown_assumptions(runs),
+             markdown_attribution(runs), markdown_assumptions(runs), markdown_claims(runs),
              markdown_paper(summary, diffs, "baseline", "harmonic_hiou", runs),
              markdown_setting(runs)]
     md = out["markdown"]
@@ -263,7 +264,7 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 NOTEBOOK_05 = Path(__file__).resolve().parents[2] / "notebooks" / "05_results.ipynb"
 STEPS = ("load_sweep_runs", "summarize", "paired_differences", "markdown_verdict", "markdown_attribution",
-         "markdown_assumptions", "markdown_paper", "results_report")
+         "markdown_assumptions", "markdown_claims", "markdown_paper", "results_report")
 
 
 def test_results_notebook_shows_each_step_after_a_sentence():
@@ -303,6 +304,7 @@ def test_results_notebook_displays_the_steps_and_writes_the_report(tmp_path):
     summary, diffs = summarize(runs), paired_differences(runs)
     assert shown == [markdown_runs(runs), markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"),
                      markdown_verdict(diffs, "harmonic_hiou"), markdown_attribution(runs), markdown_assumptions(runs),
+                     markdown_claims(runs),
                      markdown_paper(summary, diffs, "baseline", "harmonic_hiou", runs), markdown_setting(runs)]
     assert "+4.0 [" in shown[2] and "raises AP by 4.0" in shown[3]
     images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
@@ -410,3 +412,45 @@ def test_every_ranked_contrast_names_variants_that_a_sweep_runs():
     swept = {variant for sweep in SWEEPS.values() for variant in sweep.variants}
     for label, variant, reference in CONTRASTS:
         assert variant in swept and reference in swept, label
+
+
+def test_claims_read_each_interval_in_the_claimed_direction(tmp_path):
+    """harmonic_hiou below the baseline on every seed (AP contradicted); the harmonic loss alone mixed
+    (cannot decide); alpha 0 and 0.5 above harmonic_hiou on every seed (alpha = 1.5 best contradicted); the
+    logs of harmonic_hiou reversed 5% / 0% of positives over the last fifth (Eq. 9: cannot decide, one
+    run above the tolerance and one below), then both above (contradicted)."""
+    from harmonic.experiments.report import ASSUMPTION_TOLERANCE, claims, markdown_claims
+
+    aps = {"baseline": (0.30, 0.32, 0.31), "harmonic_hiou": (0.25, 0.26, 0.24), "harmonic": (0.32, 0.30, 0.31),
+           "hiou_alpha_0.5": (0.27, 0.29, 0.26)}
+    for variant, values in aps.items():
+        for seed, ap in enumerate(values):
+            _fake_run(tmp_path, f"{variant}-s{seed}", variant, seed, ap)
+    runs = load_sweep_runs(tmp_path, ["s"])
+
+    def logs(last_shares):
+        for seed, share in enumerate(last_shares):
+            lines = [json.dumps({"iter": i + 1, "watch/reversed_share": 0.5 if i < 8 else share}) for i in range(10)]
+            (tmp_path / "runs" / f"harmonic_hiou-s{seed}" / "log.jsonl").write_text("\n".join(lines) + "\n")
+
+    logs([0.05, 0.0, 0.0])
+    rows = {(row["claim"].split(" (")[0], row["metric"]): row for row in claims(runs)}
+    assert rows[("Harmonic + HIoU raises AP", "AP")]["verdict"] == "contradicts"
+    assert rows[("Harmonic + HIoU raises AP", "AP")]["mean"] == pytest.approx(-0.06)
+    assert rows[("the harmonic loss alone raises AP", "AP")]["verdict"] == "cannot decide"
+    # spearman is 0.1 * seed in every variant: no difference, no interval width -> cannot decide
+    assert rows[("the loss makes scores rank boxes by their IoU", "spearman")]["verdict"] == "cannot decide"
+    eq9 = rows[('Eq. 9: dF/dx > 0 is "basically always true during training"', "reversed share")]
+    assert eq9["verdict"] == "cannot decide" and eq9["high"] == pytest.approx(0.05) and eq9["low"] == 0.0
+    best = rows[("alpha = 1.5 is the best HIoU weight", "AP")]
+    # harmonic (alpha 0) - harmonic_hiou = (0.07, 0.04, 0.07): the best, its interval above zero
+    assert best["variant"] == "harmonic" and best["verdict"] == "contradicts"
+    assert best["mean"] == pytest.approx(0.06)
+    assert best["detail"] == "alpha 0: +6.0; alpha 0.5: +2.3"  # alpha 0.5: (0.02, 0.03, 0.02)
+    logs([0.05, 2 * ASSUMPTION_TOLERANCE, 0.03])
+    eq9 = [row for row in claims(runs) if row["metric"] == "reversed share"][0]
+    assert eq9["verdict"] == "contradicts"
+    table = markdown_claims(runs)
+    assert "| Harmonic + HIoU raises AP (RetinaNet R50, COCO test-dev: +1.5) | [R] | `harmonic_hiou` − `baseline`, AP | -6.0 |" in table
+    assert "**contradicts**" in table and "**cannot decide**" in table
+    assert "no runs that test" in markdown_claims([r for r in runs if r.variant == "baseline"])
