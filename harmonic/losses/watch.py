@@ -18,7 +18,8 @@ With detached factors (``detach_factors=True``) the factors are constants: the m
 With one factor applied (``factor_terms``, an attribution control [D]), the other term is unweighted:
 ``F = (1 + e^-y) x + y`` ("cls") has ``dF/dx = 1 + e^-y > 0`` and ``dF/dy = 1 - x e^-y``;
 ``F = x + (1 + e^-x) y`` ("box") has ``dF/dx = 1 - y e^-x``, negative for ``x < ln y`` (possible for
-``y > 1``), and ``dF/dy = 1 + e^-x > 0``.
+``y > 1``), and ``dF/dy = 1 + e^-x > 0``. ``watch/y_over_threshold_share`` counts the positives whose ``y``
+allows a reversal under the loss as trained: ``y > Y_REVERSAL`` (both factors), ``y > 1`` ("box"), none ("cls").
 
 :func:`watch_statistics` turns the positives' detached ``x``, ``y``, decoded IoU and ground-truth class
 score into the numbers of :data:`WATCH_KEYS`, computed as one tensor (no host synchronization here; the
@@ -125,8 +126,9 @@ def watch_statistics(
                 d_dx = d_dx - y * beta_c
             if weighted_cls:
                 d_dy = d_dy - x * beta_r
+        threshold = {"both": Y_REVERSAL, "box": 1.0, "cls": float("inf")}[factor_terms]
         shares = torch.stack([
-            (y > Y_REVERSAL).to(dtype).mean(),
+            (y > threshold).to(dtype).mean(),
             (d_dx < 0).to(dtype).mean(),
             (d_dy < 0).to(dtype).mean(),
             d_dx.mean(),

@@ -16,9 +16,10 @@ __all__ = ["LOG_NAME", "PACKED_LOG_NAME", "SIGNIFICANT_DIGITS", "find_log", "pac
 #: a run's log while it trains, and the compressed form a finished run keeps (see :func:`pack_log`)
 LOG_NAME = "log.jsonl"
 PACKED_LOG_NAME = "log.jsonl.gz"
-#: significant digits a packed log keeps of each float: float32's decimal precision, which is what the
-#: logged losses and statistics carry (their 17-digit float64 repr is noise that compresses badly)
-SIGNIFICANT_DIGITS = 7
+#: significant digits a packed log keeps of each float: enough for every float32 value (the logged losses
+#: and statistics) to come back as the same float32; their 17-digit float64 repr adds digits that only cost space.
+#: Float64 values (learning rate, timings) keep 9 significant digits.
+SIGNIFICANT_DIGITS = 9
 
 
 def _rounded(value: Any) -> Any:
@@ -42,9 +43,9 @@ def find_log(run_dir: str | os.PathLike) -> Path:
 
 def pack_log(run_dir: str | os.PathLike) -> Path | None:
     """Compress a finished run's ``log.jsonl`` into ``log.jsonl.gz`` (atomically, reproducible bytes) and
-    remove the plain file. Floats are kept to :data:`SIGNIFICANT_DIGITS` significant digits, records are
-    written without spaces, and an unfinished last line is dropped (as :func:`read_log` does): the packed
-    log is about 10x smaller than the plain one. Returns the packed path (None when there is no plain log)."""
+    remove the plain file. Floats are kept to :data:`SIGNIFICANT_DIGITS` significant digits (a float32
+    value reads back as the same float32), records are written without spaces, and an unfinished last line is dropped (as
+    :func:`read_log` does): the packed log is about 8x smaller than the plain one. Returns the packed path (None when there is no plain log)."""
     plain = Path(run_dir) / LOG_NAME
     if not plain.is_file():
         return None

@@ -454,3 +454,22 @@ def test_claims_read_each_interval_in_the_claimed_direction(tmp_path):
     assert "| Harmonic + HIoU raises AP (RetinaNet R50, COCO test-dev: +1.5) | [R] | `harmonic_hiou` − `baseline`, AP | -6.0 |" in table
     assert "**contradicts**" in table and "**cannot decide**" in table
     assert "no runs that test" in markdown_claims([r for r in runs if r.variant == "baseline"])
+
+
+def test_the_alpha_claim_shows_the_deciding_contrast_and_needs_the_sweep_to_support(tmp_path):
+    from harmonic.experiments.report import claims
+
+    aps = {"baseline": (0.30, 0.32, 0.31), "harmonic_hiou": (0.25, 0.26, 0.24), "hiou_alpha_0.5": (0.27, 0.29, 0.26)}
+    for variant, values in aps.items():
+        for seed, ap in enumerate(values):
+            _fake_run(tmp_path, f"{variant}-s{seed}", variant, seed, ap)
+    _fake_run(tmp_path, "harmonic-s0", "harmonic", 0, 0.90)  # one pair, no interval: a larger mean decides nothing
+    row = [r for r in claims(load_sweep_runs(tmp_path, ["s"])) if r["claim"].startswith("alpha")][0]
+    assert row["verdict"] == "contradicts" and row["variant"] == "hiou_alpha_0.5"
+    # harmonic (alpha 0) below harmonic_hiou on every seed, but no swept alpha: cannot decide
+    other = tmp_path / "other"
+    for variant, values in {"harmonic_hiou": (0.25, 0.26, 0.24), "harmonic": (0.20, 0.22, 0.21)}.items():
+        for seed, ap in enumerate(values):
+            _fake_run(other, f"{variant}-s{seed}", variant, seed, ap)
+    row = [r for r in claims(load_sweep_runs(other, ["s"])) if r["claim"].startswith("alpha")][0]
+    assert row["verdict"] == "cannot decide" and row["high"] < 0

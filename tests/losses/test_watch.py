@@ -160,3 +160,10 @@ def test_one_factor_changes_the_derivatives_as_computed_by_hand():
     assert float(detached["watch/box_pushed_away_share"]) == 0.0
     with pytest.raises(ValueError, match="factor_terms must be one of"):
         watch_statistics(x, y, iou, score, factor_terms="neither")
+    # the y that allows a reversal: above 1.2785 with both factors, above 1 with (1 + beta_c) alone, none
+    # with (1 + beta_r) alone
+    y = f64([0.5, 1.1, 2.0])
+    x3, iou3, score3 = f64([0.1, 0.1, 0.1]), f64([0.5] * 3), f64([0.9] * 3)
+    over = {t: float(watch_statistics(x3, y, iou3, score3, factor_terms=t)["watch/y_over_threshold_share"])
+            for t in ("both", "box", "cls")}
+    assert over == pytest.approx({"both": 1 / 3, "box": 2 / 3, "cls": 0.0})
