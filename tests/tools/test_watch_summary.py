@@ -48,3 +48,16 @@ def test_main_writes_json_and_names_a_folder_that_is_not_a_run(tmp_path, capsys)
     with pytest.raises(SystemExit):
         watch_summary.main([str(tmp_path), "--out", str(out)])
     assert "not a finished run folder" in capsys.readouterr().err
+
+
+def test_dead_channel_measurements_are_merged_by_run(tmp_path, capsys):
+    runs = [_run(tmp_path, f"h-s{i}", "harmonic_hiou", i, 0.1, [0.2] * 10) for i in range(2)]
+    dead = tmp_path / "dead.json"
+    dead.write_text(json.dumps({"runs": [
+        {"run": f"h-s{i}", "after_training": {"dead_channels": {"regression": [0.0, 0.1, 0.2, d]}, "mean_iou": iou}}
+        for i, (d, iou) in enumerate([(0.9, 0.6), (1.0, 0.7)])]}))
+    out = tmp_path / "summary.json"
+    assert watch_summary.main([*map(str, runs), "--dead", str(dead), "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["variants"]["harmonic_hiou"]
+    assert row["dead_last_regression"] == pytest.approx(0.95) and row["dead_mean_iou"] == pytest.approx(0.65)
+    assert "| 0.950 | 0.650 |" in capsys.readouterr().out
