@@ -154,6 +154,7 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("the gradient through the factors", "harmonic_hiou", "harmonic_hiou_detached"),
     ("beta_c from the ground-truth probability instead of the focal loss", "harmonic_hiou_gt_prob", "harmonic_hiou"),
     ("the consistent cross-entropy in the factor and its term", "harmonic_hiou_gt_ce", "harmonic_hiou"),
+    ("the whole method, beta_c from the ground-truth probability", "harmonic_hiou_gt_prob", "baseline"),
     ("(1 + beta_r) on the classification term alone, given HIoU", "harmonic_hiou_cls_factor", "baseline_hiou"),
     ("(1 + beta_c) on the localization term alone, given HIoU", "harmonic_hiou_box_factor", "baseline_hiou"),
     ("HIoU, the alpha 1.0 dose against none (factors on)", "hiou_alpha_1.0", "harmonic"),
