@@ -157,6 +157,7 @@ CONTRASTS: tuple[tuple[str, str, str], ...] = (
     ("the whole method, beta_c from the ground-truth probability", "harmonic_hiou_gt_prob", "baseline"),
     ("(1 + beta_r) on the classification term alone, given HIoU", "harmonic_hiou_cls_factor", "baseline_hiou"),
     ("(1 + beta_c) on the localization term alone, given HIoU", "harmonic_hiou_box_factor", "baseline_hiou"),
+    ("(1 + beta_c) alone against both factors, given HIoU", "harmonic_hiou_box_factor", "harmonic_hiou"),
     ("HIoU, the alpha 1.0 dose against none (factors on)", "hiou_alpha_1.0", "harmonic"),
     ("the comparison: quality focal loss", "qfl", "baseline"),
     ("the comparison: varifocal loss", "varifocal", "baseline"),
