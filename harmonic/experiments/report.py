@@ -478,6 +478,9 @@ def markdown_assumptions(runs: list[Run]) -> str:
 #: the test here is on the runs' own detector (:func:`setting_label`).
 CLAIMS: tuple[tuple[str, str, str, str, str, int], ...] = (
     ("Harmonic + HIoU raises AP (RetinaNet R50, COCO test-dev: +1.5)", "[R]", "harmonic_hiou", "baseline", "AP", +1),
+    ("Harmonic + HIoU raises AP, with beta_c from the ground-truth probability (a softmax head's beta_c)", "[R]",
+     "harmonic_hiou_gt_prob", "baseline", "AP", +1),
+    ("Harmonic + HIoU raises AP, on GroupNorm heads", "[R]", "harmonic_hiou_gn", "baseline_gn", "AP", +1),
     ("Harmonic + HIoU raises AP75 (ablation: 40.7 to 42.7)", "[R]", "harmonic_hiou", "baseline", "AP75", +1),
     ("the harmonic loss alone raises AP (ablation: +1.0)", "[R]", "harmonic", "baseline", "AP", +1),
     ("HIoU in place of the plain IoU loss raises AP (ablation: +0.5)", "[R]", "harmonic_tc_hiou", "harmonic_tc_iou",
