@@ -39,16 +39,15 @@ METRICS = ("AP", "AP75")
 def run_record(run_dir: Path, tail: float) -> dict[str, Any]:
     """One run: its variant and seed (run.json), AP and AP75 (metrics.json, percent) and the mean of each
     :data:`KEYS` entry over the last ``tail`` of the log's records that carry it (None where none do)."""
+    from harmonic.experiments.report import load_run
     from harmonic.utils.runlog import find_log, read_log
 
-    for name in ("run.json", "metrics.json"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name}: not a finished run folder (no {name})")
-    run = json.loads((run_dir / "run.json").read_text())
-    coco = json.loads((run_dir / "metrics.json").read_text()).get("coco", {})
+    run = load_run(run_dir)
+    if run is None:
+        raise FileNotFoundError(f"{run_dir}: not a finished run folder (no run.json or metrics.json)")
     records = read_log(find_log(run_dir))
-    out: dict[str, Any] = {"run": run_dir.name, "variant": run["variant"], "seed": run["seed"]}
-    out.update({metric: None if coco.get(metric) is None else 100 * coco[metric] for metric in METRICS})
+    out: dict[str, Any] = {"run": run.name, "variant": run.variant, "seed": run.seed}
+    out.update({metric: None if run.metrics[metric] is None else 100 * run.metrics[metric] for metric in METRICS})
     # a baseline logs the watch statistics of the factors it would have had, not of the loss it trained with
     out["counterfactual"] = any(bool(r.get("watch/counterfactual")) for r in records)
     for key in KEYS:
@@ -99,6 +98,12 @@ def markdown(table: dict[str, dict[str, Any]], tail: float) -> str:
     return "\n".join(lines)
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no machine's absolute paths in results)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (run.json, metrics.json, log)")
@@ -119,10 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dead:
         add_dead_channels(records, measurements)
     table = summarize(records)
-    argv_out = [str(p.resolve().relative_to(ROOT)) if p.resolve().is_relative_to(ROOT) else str(p) for p in args.runs]
-    dead_files = [str(p.resolve().relative_to(ROOT)) if p.resolve().is_relative_to(ROOT) else str(p) for p in args.dead]
-    atomic_write_json(args.out, {"tag": "[D]", "tail": args.tail, "runs": argv_out, "dead_channel_files": dead_files,
-                                 "variants": table, "records": records})
+    atomic_write_json(args.out, {"tag": "[D]", "tail": args.tail, "runs": [_shown(p) for p in args.runs],
+                                 "dead_channel_files": [_shown(p) for p in args.dead], "variants": table,
+                                 "records": records})
     print(markdown(table, args.tail))
     print(f"wrote {args.out}")
     return 0

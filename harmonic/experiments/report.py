@@ -70,24 +70,24 @@ def _flatten(metrics: dict) -> dict[str, float | None]:
     return flat
 
 
+def load_run(folder: str | Path) -> Run | None:
+    """The finished run in ``folder`` (its run.json and metrics.json), None when either file is missing."""
+    folder = Path(folder)
+    run_file, metrics_file = folder / "run.json", folder / "metrics.json"
+    if not (run_file.is_file() and metrics_file.is_file()):
+        return None
+    try:
+        info = json.loads(run_file.read_text())
+        metrics = json.loads(metrics_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder}: unreadable run.json or metrics.json ({err})") from err
+    return Run(folder.name, folder, info["variant"], int(info["seed"]), info.get("sweep"), _flatten(metrics))
+
+
 def load_runs(runs_dir: str | Path, *, sweep: str | None = None) -> list[Run]:
-    """Every finished run under ``runs_dir`` (those with both run.json and metrics.json)."""
-    runs = []
-    for folder in sorted(Path(runs_dir).glob("*/")):
-        run_file, metrics_file = folder / "run.json", folder / "metrics.json"
-        if not (run_file.is_file() and metrics_file.is_file()):
-            continue
-        try:
-            info = json.loads(run_file.read_text())
-            metrics = json.loads(metrics_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{folder}: unreadable run.json or metrics.json ({err})") from err
-        if sweep is not None and info.get("sweep") != sweep:
-            continue
-        runs.append(
-            Run(folder.name, folder, info["variant"], int(info["seed"]), info.get("sweep"), _flatten(metrics))
-        )
-    return runs
+    """Every finished run under ``runs_dir`` (those with both run.json and metrics.json, :func:`load_run`)."""
+    runs = [run for folder in sorted(Path(runs_dir).glob("*/")) if (run := load_run(folder)) is not None]
+    return [run for run in runs if sweep is None or run.sweep == sweep]
 
 
 def summarize(runs: list[Run], metrics=HEADLINE) -> dict[str, dict[str, dict[str, float | int | None]]]:
@@ -540,8 +540,7 @@ def claims(runs: list[Run], confidence: float = 0.95) -> list[dict[str, Any]]:
             "verdict": "contradicts" if min(last) > ASSUMPTION_TOLERANCE else
             ("supports" if max(last) <= ASSUMPTION_TOLERANCE else "cannot decide"),
         })
-    summary = summarize(runs, metrics=("AP",))
-    points = param_points(summary, "alpha")
+    points = param_points(dict.fromkeys(r.variant for r in runs), "alpha")
     if "harmonic_hiou" in points.values() and len(points) >= 2:
         others = [((f"alpha {a:g}"), v, "harmonic_hiou") for a, v in sorted(points.items()) if v != "harmonic_hiou"]
         found = attribution(runs, "AP", tuple(others), confidence)
