@@ -396,6 +396,7 @@ _TRAIN_HELP = {
            "float32), bf16, fp16 (CUDA), on (auto, required), off (float32); losses stay float32",
     "channels_last": "model memory layout channels_last: auto (with autocast), on, off",
     "compile": "torch.compile the backbone and the heads' convolutions (default off: no faster on the CPU)",
+    "fused_optimizer": "SGD's fused kernel: auto (where torch has it for the device: CPU, CUDA), on, off",
     "seed": "seed of the model initialization, data order and augmentation",
     "device": "auto (CUDA when available), cpu or cuda",
     "output_dir": "the run folder: config.json, log.jsonl, checkpoints/, metrics",
@@ -560,7 +561,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
             train_group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "amp":
             train_group.add_argument(*flags, choices=AMP_MODES, **kwargs)
-        elif f.name == "channels_last":
+        elif f.name in ("channels_last", "fused_optimizer"):
             train_group.add_argument(*flags, type=_parse_tristate, metavar="{auto,on,off}", **kwargs)
         elif f.name == "device":
             train_group.add_argument(*flags, choices=DEVICES, **kwargs)

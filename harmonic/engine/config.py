@@ -21,7 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # fields that may differ between a run and its resumption: they do not change the iterations already done
 RESUMABLE_CHANGES = frozenset(
     {"resume", "output_dir", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "max_iters",
-     "epochs", "device", "num_threads", "compile"}
+     "epochs", "device", "num_threads", "compile", "fused_optimizer"}
 )
 
 
@@ -47,7 +47,9 @@ class TrainConfig:
     with autocast); see :mod:`harmonic.engine.precision`. Losses are computed in float32 either way.
     ``compile``: ``torch.compile`` the backbone and the heads' convolutions (off by default: on the CPU it
     measured no faster than eager for the default study and costs about a minute of compiling; see
-    ``make bench``).
+    ``make bench``). ``fused_optimizer``: SGD's fused kernel (one pass over each parameter for weight
+    decay, momentum and the update; the same update rule as SGD's per-parameter loop) where torch has it for the
+    device (``None``, the default: CPU and CUDA), ``True`` (an error where it is missing) or ``False``.
 
     Runtime: ``seed``; ``device`` (``"auto"``: CUDA when available); ``output_dir`` (the run folder);
     ``checkpoint_every`` (iterations between writes of ``checkpoints/last.pt``); ``keep_checkpoints`` (also
@@ -80,6 +82,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    fused_optimizer: bool | None = None
     seed: int = 0
     device: str = "auto"
     output_dir: str = "results/runs/train"
@@ -152,6 +155,8 @@ class TrainConfig:
             raise bad("amp", f"one of {AMP_MODES}")
         if not isinstance(self.compile, bool):
             raise bad("compile", "a bool")
+        if self.fused_optimizer is not None and not isinstance(self.fused_optimizer, bool):
+            raise bad("fused_optimizer", "None (where the device has the kernel), True or False")
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             raise bad("channels_last", "None (with autocast), True or False")
         if self.device not in DEVICES:

@@ -116,6 +116,29 @@ def _check_resumable(saved: Mapping[str, Any], cfg: TrainConfig, path: Path) -> 
         )
 
 
+
+def fused_sgd_available(device: torch.device | str) -> bool:
+    """Whether torch has SGD's fused kernel for ``device`` (it does for CPU and CUDA in the pinned torch)."""
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    try:
+        torch.optim.SGD([probe], lr=0.1, fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device | str) -> torch.optim.SGD:
+    """SGD(``cfg.lr``, ``momentum``, ``weight_decay``) over ``params``, with torch's fused kernel as
+    ``cfg.fused_optimizer`` says (``None``: where :func:`fused_sgd_available`). A ``ValueError`` names the
+    field when ``True`` asks for a kernel the device lacks."""
+    fused = cfg.fused_optimizer
+    if fused is None:
+        fused = fused_sgd_available(device)
+    elif fused and not fused_sgd_available(device):
+        raise ValueError(f"TrainConfig.fused_optimizer is True but torch has no fused SGD for {torch.device(device).type}")
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           fused=True if fused else None)
+
 def train(
     cfg: TrainConfig,
     *,
@@ -216,12 +239,14 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
             raise ValueError("TrainConfig.sync_bn needs CUDA (torch.nn.SyncBatchNorm has no CPU implementation)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(params, cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.scaler)
     start = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in optimizer.param_groups:  # the saved groups carry the kernel choice of the run that saved them
+            group["fused"] = optimizer.defaults["fused"]
         if precision.scaler and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         rng = checkpoint["rng"]
@@ -240,6 +265,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
     }
     resolved = {
         "detector": detector_cfg.to_dict(), "device": str(device), "amp": precision.autocast, **precision.describe(),
+        "fused_optimizer": bool(optimizer.defaults.get("fused")),
         "world_size": ctx.world_size,
         "global_batch_size": cfg.batch_size * ctx.world_size, "iters_per_epoch": per_epoch, "total_iters": total,
         "resumed_at_iteration": start if checkpoint is not None else None, **meta,
@@ -258,7 +284,8 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
         atomic_write_json(run_dir / "config.json", {
             "config": cfg.to_dict(), "resolved": resolved,
             "provenance": provenance(cfg.to_dict(), seed=cfg.seed, device=str(device),
-                                     device_details={**backend_record(device), **precision.describe()}),
+                                     device_details={**backend_record(device), **precision.describe(),
+                                                     "fused_optimizer": bool(optimizer.defaults.get("fused"))}),
         })
         unpack_log(run_dir)  # a finished run continued (a larger max_iters) appends to its log again
         truncate_log(log_path, start)

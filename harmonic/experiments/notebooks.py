@@ -61,8 +61,8 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
         "03_train_eval": _training_entries("default"),
         "04_convergence": [("04_convergence", _convergence("default"))],
         # the report reads the attribution and dose sweeps too, where their runs are committed (make sweep)
-        "05_results": [("05_results", {"sweeps": ["default", "attribution", "head_norm", "factor_terms", "alpha", "beta_c",
-                                                 "comparison", "ablation"], "update_readme": "README.md"})],
+        "05_results": [("05_results", {"sweeps": ["default", "attribution", "head_norm", "factor_terms", "alpha", "gamma",
+                                                 "beta_c", "comparison", "ablation"], "update_readme": "README.md"})],
     },
     "quick": {
         "01_derivations": [("01_derivations", {"n_points": 16})],

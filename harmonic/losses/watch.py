@@ -57,15 +57,16 @@ WATCH_KEYS = (
 
 def _percentiles(values: Tensor) -> Tensor:
     """:data:`QUANTILES` of each row of ``values`` [R, P], ``[R, len(QUANTILES)]``, with torch.quantile's
-    linear interpolation, from one sort (torch.quantile costs several times more on the small tensors of a
-    batch's positives). The positions are computed on the host from P: no device synchronization."""
+    linear interpolation, from one sort and one gather (torch.quantile costs several times more on the
+    small tensors of a batch's positives). The positions are computed on the host from P: no device
+    synchronization."""
     ordered = values.sort(dim=1).values
     last = values.shape[1] - 1
     positions = [q * last for q in QUANTILES]
     low = [int(p) for p in positions]
     high = [min(i + 1, last) for i in low]
     frac = torch.tensor([p - i for p, i in zip(positions, low)], dtype=values.dtype, device=values.device)
-    below, above = ordered[:, low], ordered[:, high]
+    below, above = ordered[:, low + high].split(len(QUANTILES), dim=1)
     return below + (above - below) * frac
 
 
@@ -111,28 +112,23 @@ def watch_statistics(
     if x.numel() == 0:
         return {}
     weighted_cls, weighted_box = factor_terms in ("both", "cls"), factor_terms in ("both", "box")
-    with torch.no_grad():
+    with torch.no_grad():  # few operations on [P]-sized tensors: each costs its launch, not its arithmetic
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        values = torch.stack([v.detach().to(dtype) for v in (x, y, iou, score)])  # [4, P]
-        x, y = values[0], values[1]
+        values = torch.stack((x, y, iou, score)).to(dtype)  # [4, P]
         percentiles = _percentiles(values).reshape(-1)  # [4 * 3], quantity-major
-        beta_r, beta_c = torch.exp(-y), torch.exp(-x)
-        # Eq. 8: dF/dx = 1 + e^-y - y e^-x; Eq. 5's bracket B(p, L) = dF/dy with p = e^-x, log p = -x, L = y;
-        # a factor left out contributes neither its value nor its derivative, a detached one only its value
-        d_dx = 1.0 + beta_r if weighted_cls else torch.ones_like(x)
-        d_dy = 1.0 + beta_c if weighted_box else torch.ones_like(y)
-        if not detach_factors:
-            if weighted_box:
-                d_dx = d_dx - y * beta_c
-            if weighted_cls:
-                d_dy = d_dy - x * beta_r
+        xy = values[:2]
+        beta = torch.exp(-xy)  # [beta_c, beta_r]
+        # rows [dF/dx, dF/dy]. Eq. 8: dF/dx = 1 + e^-y - y e^-x; Eq. 5's bracket B(p, L) = dF/dy with p = e^-x,
+        # log p = -x, L = y. A factor left out contributes neither its value nor its derivative, a detached
+        # one only its value: row r is 1 + value_weight[r] * beta[1 - r] - slope_weight[r] * xy[1 - r] * beta[r]
+        value_weight = (float(weighted_cls), float(weighted_box))
+        slope_weight = (0.0, 0.0) if detach_factors else (float(weighted_box), float(weighted_cls))
+        weights = torch.tensor([value_weight, slope_weight], dtype=dtype, device=values.device)[..., None]
+        derivatives = 1.0 + weights[0] * beta.flip(0) - weights[1] * (xy.flip(0) * beta)
         threshold = {"both": Y_REVERSAL, "box": 1.0, "cls": float("inf")}[factor_terms]
-        shares = torch.stack([
-            (y > threshold).to(dtype).mean(),
-            (d_dx < 0).to(dtype).mean(),
-            (d_dy < 0).to(dtype).mean(),
-            d_dx.mean(),
-            torch.tensor(float(counterfactual), dtype=dtype, device=values.device),
-        ])
-        packed = torch.cat([percentiles, shares])
+        # y over the threshold, dF/dx < 0, dF/dy < 0, dF/dx: their means over the positives
+        indicators = torch.cat((xy[1:] > threshold, derivatives < 0)).to(dtype)
+        shares = torch.cat((indicators, derivatives[:1])).mean(dim=1)
+        flag = torch.full((1,), float(counterfactual), dtype=dtype, device=values.device)
+        packed = torch.cat((percentiles, shares, flag))
     return dict(zip(WATCH_KEYS, packed.unbind()))

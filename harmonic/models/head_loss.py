@@ -14,7 +14,7 @@ sigmoid head.
 Beside the losses, both Harmonic compositions return the watch statistics of their positives
 (:func:`harmonic.losses.watch_statistics`: percentiles of ``x = CE_i`` of the factor and ``y = L_loc_i``,
 the shares with ``dF/dx < 0`` (Eq. 8-9) and with Eq. 5's bracket below zero, the mean ``dF/dx``) and the
-detached per-positive ``x``, ``y`` and score under :data:`SAMPLE_KEYS`. A baseline head computes the same
+detached per-positive ``x``, ``y`` and score under :data:`SAMPLE_KEYS` (unless ``HarmonicOptions(watch=False)``). A baseline head computes the same
 numbers as counterfactuals from its own pieces with :func:`dense_watch_counterfactual` /
 :func:`softmax_watch_counterfactual`.
 """
@@ -92,6 +92,10 @@ class HarmonicOptions:
     ``factor_terms``: which terms the factors weight, ``"both"`` (Eq. 1 [S]), ``"cls"`` (``(1 + beta_r) CE_i
     + L_loc_i``) or ``"box"`` (``CE_i + (1 + beta_c) L_loc_i``): controls that attribute an effect of the
     factors to one term [D]; only with ``factors=True``.
+    ``watch``: add the watch statistics of the positives and their samples to the result
+    (:func:`harmonic.losses.watch_statistics`, about 25 operations on ``[P]``-sized tensors); False leaves
+    them out, for a caller that does not read them. The detectors of :func:`harmonic.models.build_detector`
+    keep them on: the engine logs them every iteration.
     """
 
     hiou: bool = True
@@ -107,9 +111,10 @@ class HarmonicOptions:
     factors: bool = True
     box_weight: float = 1.0
     factor_terms: str = "both"
+    watch: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("hiou", "detach_factors", "factors"):
+        for name in ("hiou", "detach_factors", "factors", "watch"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.fused is not None and not isinstance(self.fused, bool):
@@ -395,7 +400,8 @@ def dense_harmonic_loss(
         statistics ``"num_positives"`` and, when there is at least one positive, ``"beta_r"``,
         ``"beta_c"``: the means of beta_r = exp(-L_loc) and beta_c over the positives, the watch
         statistics (:data:`harmonic.losses.WATCH_KEYS`, x = the factor's CE, y = L_loc, score =
-        sigmoid of the ground-truth logit) and the samples of :data:`SAMPLE_KEYS`.
+        sigmoid of the ground-truth logit) and the samples of :data:`SAMPLE_KEYS` (both only with
+        ``options.watch``).
     """
     _check_options(options, HarmonicOptions)
     positive, normalizer, logits, loc, iou = _harmonic_inputs(
@@ -417,8 +423,9 @@ def dense_harmonic_loss(
         focal_pos = factor_cls
     out = _compose(focal, positive, focal_pos, factor_cls, loc, normalizer, detach_factors=options.detach_factors,
                    factors=options.factors, factor_terms=options.factor_terms)
-    out.update(_watch(factor_cls, loc, iou, torch.sigmoid(gt_logit.detach()), detach_factors=options.detach_factors,
-                      counterfactual=not options.factors, factor_terms=options.factor_terms))
+    if options.watch:
+        out.update(_watch(factor_cls, loc, iou, torch.sigmoid(gt_logit.detach()), detach_factors=options.detach_factors,
+                          counterfactual=not options.factors, factor_terms=options.factor_terms))
     if options.tc_weight > 0:
         out["task_contrasting"] = _task_contrasting(
             torch.sigmoid(gt_logit), logits, positive, iou, normalizer, options, kind="sigmoid"
@@ -462,8 +469,9 @@ def softmax_harmonic_loss(
     ce_pos = ce[positive]
     out = _compose(ce, positive, ce_pos, ce_pos, loc, norm, detach_factors=options.detach_factors,
                    factors=options.factors, factor_terms=options.factor_terms)
-    out.update(_watch(ce_pos, loc, iou, torch.exp(-ce_pos.detach()), detach_factors=options.detach_factors,
-                      counterfactual=not options.factors, factor_terms=options.factor_terms))
+    if options.watch:
+        out.update(_watch(ce_pos, loc, iou, torch.exp(-ce_pos.detach()), detach_factors=options.detach_factors,
+                          counterfactual=not options.factors, factor_terms=options.factor_terms))
     if options.tc_weight > 0:
         out["task_contrasting"] = _task_contrasting(
             torch.exp(-ce_pos), logits, positive, iou, norm, options, kind="softmax"

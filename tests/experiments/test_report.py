@@ -473,3 +473,25 @@ def test_the_alpha_claim_shows_the_deciding_contrast_and_needs_the_sweep_to_supp
             _fake_run(other, f"{variant}-s{seed}", variant, seed, ap)
     row = [r for r in claims(load_sweep_runs(other, ["s"])) if r["claim"].startswith("alpha")][0]
     assert row["verdict"] == "cannot decide" and row["high"] < 0
+
+
+def test_the_gamma_claim_pairs_each_swept_gamma_with_the_reported_one(tmp_path):
+    from harmonic.experiments.report import claims, markdown_claims
+
+    # every swept gamma below gamma 0.8 (harmonic_hiou) on every seed: the reported value is supported
+    aps = {"harmonic_hiou": (0.25, 0.26, 0.24), "hiou_gamma_0.4": (0.22, 0.24, 0.20), "hiou_gamma_1.0": (0.23, 0.25, 0.22)}
+    for variant, values in aps.items():
+        for seed, ap in enumerate(values):
+            _fake_run(tmp_path, f"{variant}-s{seed}", variant, seed, ap)
+    runs = load_sweep_runs(tmp_path, ["s"])
+    row = [r for r in claims(runs) if r["claim"].startswith("gamma")][0]
+    assert row["claim"] == "gamma = 0.8 is the best HIoU focusing parameter" and row["verdict"] == "supports"
+    assert row["variant"] == "hiou_gamma_1.0" and row["mean"] == pytest.approx(-1 / 60)  # the larger mean shown
+    assert row["detail"] == "gamma 0.4: -3.0; gamma 1: -1.7"
+    assert not [r for r in claims(runs) if r["claim"].startswith("alpha")]  # no alpha besides 1.5: no row
+    assert "each swept gamma − `harmonic_hiou` (0.8), AP; best: `hiou_gamma_1.0`" in markdown_claims(runs)
+    # one swept gamma above it on every seed: contradicted
+    for seed, ap in enumerate((0.27, 0.29, 0.26)):
+        _fake_run(tmp_path, f"hiou_gamma_0.6-s{seed}", "hiou_gamma_0.6", seed, ap)
+    row = [r for r in claims(load_sweep_runs(tmp_path, ["s"])) if r["claim"].startswith("gamma")][0]
+    assert row["verdict"] == "contradicts" and row["variant"] == "hiou_gamma_0.6"

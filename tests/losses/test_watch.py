@@ -111,6 +111,31 @@ def test_dense_loss_returns_watch_statistics_of_its_own_x_and_y():
         torch.testing.assert_close(out[key], value, msg=key)
 
 
+@pytest.mark.parametrize("softmax", [False, True])
+def test_watch_off_leaves_the_statistics_out_and_the_loss_unchanged(softmax):
+    logits, classes, box_loss, pred, gt = _dense_case()
+    if softmax:
+        logits, classes = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.5, 0.2], [0.3, -0.2, 1.4]]), torch.tensor([1, 0, 2])
+
+    def run(watch: bool) -> tuple[dict, tuple]:
+        leaf = logits.clone().requires_grad_()
+        if softmax:
+            out = softmax_harmonic_loss(leaf, classes, box_loss, pred, gt, normalizer=3, options=HarmonicOptions(watch=watch))
+        else:
+            out = dense_harmonic_loss(leaf, classes, box_loss, pred, gt, num_foreground=2, options=HarmonicOptions(watch=watch))
+        (out["classification"] + out["bbox_regression"]).backward()
+        return out, leaf.grad
+
+    (on, grad_on), (off, grad_off) = run(True), run(False)
+    assert set(WATCH_KEYS) | set(SAMPLE_KEYS) <= set(on)
+    assert set(off) == set(on) - set(WATCH_KEYS) - set(SAMPLE_KEYS) and {"beta_r", "beta_c"} <= set(off)
+    for key in off:
+        assert torch.equal(off[key], on[key]), key
+    assert torch.equal(grad_off, grad_on)
+    with pytest.raises(TypeError, match="watch must be a bool"):
+        HarmonicOptions(watch=1)
+
+
 def test_softmax_loss_and_counterfactual_use_the_cross_entropy_and_p():
     logits = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.5, 0.2], [0.3, -0.2, 1.4]])
     labels = torch.tensor([1, 0, 2])

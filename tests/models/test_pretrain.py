@@ -112,7 +112,7 @@ def test_study_preset_is_opt_in_and_keeps_the_premise():
     assert [p["variant"] for _, p in runs[:3]] == ["baseline", "harmonic_hiou", "harmonic_hiou_detached"]
     assert {p["seed"] for _, p in runs} == {0, 1, 2, 3}
     # the attribution and dose sweeps share the test bed and the seeds, so their runs pair with the default's
-    for name in ("attribution", "head_norm", "factor_terms", "alpha", "beta_c", "comparison", "ablation"):
+    for name in ("attribution", "head_norm", "factor_terms", "alpha", "gamma", "beta_c", "comparison", "ablation"):
         assert SWEEPS[name].parameters == SWEEPS["default"].parameters and SWEEPS[name].seeds == SWEEPS["default"].seeds
 
 

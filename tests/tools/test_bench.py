@@ -149,7 +149,8 @@ def test_readme_block_shows_the_measured_ratios(tmp_path):
         "sections": {
             "dense_loss": {"machine": {"torch_threads": 1}, "summary": [
                 {"scale": 1.0, "anchors": 100000, "fused_backend": "native", "harmonic_fused_over_stock": 0.1862,
-                 "harmonic_fused_over_sigmoid": 8.139, "harmonic_reference_over_stock": 0.795}]},
+                 "harmonic_fused_over_sigmoid": 8.139, "harmonic_fused_watch_over_sigmoid": 9.456,
+                 "harmonic_reference_over_stock": 0.795}]},
             "train_step": {"machine": {"torch_threads": 1}, "summary": [
                 {"setting": "shapes_cpu", "harmonic_fused_over_baseline": 1.0123,
                  "harmonic_reference_over_baseline": 1.05, "peak_harmonic_fused_over_baseline": 0.999}]},
@@ -160,7 +161,7 @@ def test_readme_block_shows_the_measured_ratios(tmp_path):
     replace_block(readme, "bench", readme_markdown(result, tmp_path / "bench.json"))
     text = readme.read_text()
     assert "old" not in text and text.startswith("top\n") and text.endswith("bottom\n")
-    assert "| 1 | 100000 | 0.19 | 8.14 | 0.80 |" in text and "(native backend)" in text
+    assert "| 1 | 100000 | 0.19 | 8.14 | 9.46 | 0.80 |" in text and "(native backend)" in text
     assert "| shapes_cpu | 1.012 | 1.050 | 0.999 | n/a |" in text
     (tmp_path / "plain.md").write_text("no block")
     with pytest.raises(ValueError, match="bench:begin"):
@@ -178,7 +179,8 @@ def test_merge_replaces_only_the_sections_run_and_the_readme_says_when_each_was_
         "engine_step": {"machine": {"torch_threads": 1}, "summary": [{"stale": True}]}}}
     out.write_text(json.dumps(old))
     fresh = {"summary": [{"setting": "s", "target_speedup": 2.0, "autocast_dtype": "bfloat16", "channels_last": True,
-                          "engine_over_plain_images_per_s": 2.5, "peak_engine_over_plain": 0.9}]}
+                          "engine_over_plain_images_per_s": 2.5, "peak_engine_over_plain": 0.9, "fused_optimizer": True,
+                          "fused_optimizer_gain": 1.125}]}
     monkeypatch.setitem(bench.SECTIONS, "engine_step", lambda config: json.loads(json.dumps(fresh)))
     assert bench.main(["--out", str(out), "--sections", "engine_step", "--quick", "--merge", "--threads", "1"]) == 0
     merged = json.loads(out.read_text())
@@ -188,7 +190,7 @@ def test_merge_replaces_only_the_sections_run_and_the_readme_says_when_each_was_
     assert merged["sections"]["engine_step"]["machine"]["measured"] == merged["provenance"]["created"]
     text = readme_markdown(merged, out)
     assert "measured in separate runs" in text and "dense_loss at 2026-01-01T00:00:00+00:00" in text
-    assert "| s | bfloat16 | True | 2.50 | 0.900 |" in text
+    assert "| s | bfloat16 | True | True | 2.50 | 1.12 | 0.900 |" in text
     # without --merge the file holds only the sections run
     assert bench.main(["--out", str(out), "--sections", "engine_step", "--quick", "--threads", "1"]) == 0
     assert list(json.loads(out.read_text())["sections"]) == ["engine_step"]
