@@ -48,8 +48,8 @@ class TrainConfig:
     ``compile``: ``torch.compile`` the backbone and the heads' convolutions (off by default: on the CPU it
     measured no faster than eager for the default study and costs about a minute of compiling; see
     ``make bench``). ``fused_optimizer``: SGD's fused kernel (one pass over each parameter for weight
-    decay, momentum and the update; the same update rule as SGD's per-parameter loop) where torch has it for the
-    device (``None``, the default: CPU and CUDA), ``True`` (an error where it is missing) or ``False``.
+    decay, momentum and the update; the same update rule as SGD's per-parameter loop): ``None`` (default) on
+    CUDA only (on the CPU ``make bench`` measured no gain), ``True`` (an error where torch lacks it) or ``False``.
 
     Runtime: ``seed``; ``device`` (``"auto"``: CUDA when available); ``output_dir`` (the run folder);
     ``checkpoint_every`` (iterations between writes of ``checkpoints/last.pt``); ``keep_checkpoints`` (also
@@ -156,7 +156,7 @@ class TrainConfig:
         if not isinstance(self.compile, bool):
             raise bad("compile", "a bool")
         if self.fused_optimizer is not None and not isinstance(self.fused_optimizer, bool):
-            raise bad("fused_optimizer", "None (where the device has the kernel), True or False")
+            raise bad("fused_optimizer", "None (fused on CUDA), True or False")
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             raise bad("channels_last", "None (with autocast), True or False")
         if self.device not in DEVICES:
