@@ -18,9 +18,9 @@ Sections:
   fused focal loss, ``harmonic_reference`` the same through the reference composition, both without the
   watch statistics (``HarmonicOptions(watch=False)``); ``harmonic_fused_watch`` is ``harmonic_fused`` with
   them, as the detectors compute it for the engine's log. The loss's targets are checked on
-  ``harmonic_fused``; the watch statistics have their own budget in ``train_step``. The yardsticks are torchvision's stock path (its
-  ``sigmoid_focal_loss`` over a one-hot target plus the generalized IoU loss of the positives' decoded
-  boxes, as in its FCOS) and one ``torch.sigmoid`` pass over the logits. Beside them, each backend of
+  ``harmonic_fused``; the watch statistics have their own budget in ``train_step``. The yardsticks are
+  torchvision's stock path (its ``sigmoid_focal_loss`` over a one-hot target plus the generalized IoU loss
+  of the positives' decoded boxes, as in its FCOS) and one ``torch.sigmoid`` pass over the logits. Beside them, each backend of
   :mod:`harmonic.fused` in place of torchvision's focal loss in the stock path (``fused_<backend>``),
   and the reference composition (``harmonic.dense.focal_loss_per_anchor_reference``) likewise.
   ``fused_eager_parallel_chunks`` is the eager backend with chunks above torch's parallel grain size,
@@ -908,7 +908,9 @@ def engine_step_section(config: BenchConfig) -> dict[str, Any]:
     torchvision model, weights and batch, side by side in interleaved rounds after warm-up; peak memory of
     one more step each. Settings as :func:`train_step_settings`. Reports engine images/s over plain images/s
     and the engine's peak memory over the plain loop's, against the targets (at least 2x on the CPU, 3x on
-    CUDA; memory no higher), with the precision the engine chose."""
+    CUDA; memory no higher), with the precision the engine chose; beside them the engine's step with the
+    other SGD implementation than its default (``TrainConfig.fused_optimizer``), whose ratio to it measures
+    that lever."""
     import gc
 
     from harmonic.engine.training import fused_sgd_available

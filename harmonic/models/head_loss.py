@@ -14,9 +14,9 @@ sigmoid head.
 Beside the losses, both Harmonic compositions return the watch statistics of their positives
 (:func:`harmonic.losses.watch_statistics`: percentiles of ``x = CE_i`` of the factor and ``y = L_loc_i``,
 the shares with ``dF/dx < 0`` (Eq. 8-9) and with Eq. 5's bracket below zero, the mean ``dF/dx``) and the
-detached per-positive ``x``, ``y`` and score under :data:`SAMPLE_KEYS` (unless ``HarmonicOptions(watch=False)``). A baseline head computes the same
-numbers as counterfactuals from its own pieces with :func:`dense_watch_counterfactual` /
-:func:`softmax_watch_counterfactual`.
+detached per-positive ``x``, ``y`` and score under :data:`SAMPLE_KEYS` (unless
+``HarmonicOptions(watch=False)``). A baseline head computes the same numbers as counterfactuals from its
+own pieces with :func:`dense_watch_counterfactual` / :func:`softmax_watch_counterfactual`.
 """
 
 from __future__ import annotations
