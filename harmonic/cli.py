@@ -396,7 +396,7 @@ _TRAIN_HELP = {
            "float32), bf16, fp16 (CUDA), on (auto, required), off (float32); losses stay float32",
     "channels_last": "model memory layout channels_last: auto (with autocast), on, off",
     "compile": "torch.compile the backbone and the heads' convolutions (default off: no faster on the CPU)",
-    "fused_optimizer": "SGD's fused kernel: auto (on CUDA; on the CPU it measured no faster), on, off",
+    "fused_optimizer": "SGD's fused kernel: auto (on CUDA without float16's gradient scaler; on the CPU it measured no faster), on, off",
     "seed": "seed of the model initialization, data order and augmentation",
     "device": "auto (CUDA when available), cpu or cuda",
     "output_dir": "the run folder: config.json, log.jsonl, checkpoints/, metrics",

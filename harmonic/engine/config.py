@@ -49,7 +49,8 @@ class TrainConfig:
     measured no faster than eager for the default study and costs about a minute of compiling; see
     ``make bench``). ``fused_optimizer``: SGD's fused kernel (one pass over each parameter for weight
     decay, momentum and the update; the same update rule as SGD's per-parameter loop): ``None`` (default) on
-    CUDA only (on the CPU ``make bench`` measured no gain), ``True`` (an error where torch lacks it) or ``False``.
+    CUDA without float16's gradient scaler only (on the CPU ``make bench`` measured no gain; see
+    :func:`harmonic.engine.training.build_optimizer`), ``True`` (an error where it cannot be used) or ``False``.
 
     Runtime: ``seed``; ``device`` (``"auto"``: CUDA when available); ``output_dir`` (the run folder);
     ``checkpoint_every`` (iterations between writes of ``checkpoints/last.pt``); ``keep_checkpoints`` (also
@@ -156,7 +157,7 @@ class TrainConfig:
         if not isinstance(self.compile, bool):
             raise bad("compile", "a bool")
         if self.fused_optimizer is not None and not isinstance(self.fused_optimizer, bool):
-            raise bad("fused_optimizer", "None (fused on CUDA), True or False")
+            raise bad("fused_optimizer", "None (fused on CUDA without a gradient scaler), True or False")
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             raise bad("channels_last", "None (with autocast), True or False")
         if self.device not in DEVICES:

@@ -118,25 +118,36 @@ def _check_resumable(saved: Mapping[str, Any], cfg: TrainConfig, path: Path) -> 
 
 
 def fused_sgd_available(device: torch.device | str) -> bool:
-    """Whether torch has SGD's fused kernel for ``device`` (it does for CPU and CUDA in the pinned torch)."""
+    """Whether torch's SGD runs its fused kernel for ``device``: one step of a probe parameter (the
+    constructor does not check the device; a torch without ``fused=`` raises TypeError)."""
     probe = torch.zeros(1, device=device, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
     try:
-        torch.optim.SGD([probe], lr=0.1, fused=True)
-    except (RuntimeError, ValueError):
+        torch.optim.SGD([probe], lr=0.1, momentum=0.9, fused=True).step()
+    except (RuntimeError, TypeError, ValueError):
         return False
     return True
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device | str) -> torch.optim.SGD:
+def build_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, device: torch.device | str, *, grad_scaler: bool = False
+) -> torch.optim.SGD:
     """SGD(``cfg.lr``, ``momentum``, ``weight_decay``) over ``params``, with torch's fused kernel as
-    ``cfg.fused_optimizer`` says: ``None`` takes it on CUDA only (on the CPU ``make bench`` measured it no
-    faster than SGD's per-parameter loop, within 1% of the step); a ``ValueError`` names the field when
-    ``True`` asks for a kernel the device lacks."""
+    ``cfg.fused_optimizer`` says. ``None`` takes it on CUDA without a gradient scaler (bfloat16 or float32);
+    elsewhere torch's default implementation (the per-parameter loop on the CPU, where ``make bench``
+    measured the fused kernel no faster, within 1% of the step; foreach on CUDA). With float16's
+    ``grad_scaler`` the fused kernel is refused: a first step skipped for an overflow would leave its
+    momentum buffers allocated but never written (torch's ``_fused_sgd`` creates them with ``empty_like``).
+    A ``ValueError`` names the field when ``True`` cannot be honoured."""
     fused = cfg.fused_optimizer
+    kind = torch.device(device).type
     if fused is None:
-        fused = torch.device(device).type == "cuda" and fused_sgd_available(device)
+        fused = kind == "cuda" and not grad_scaler and fused_sgd_available(device)
+    elif fused and grad_scaler:
+        raise ValueError("TrainConfig.fused_optimizer is True but the run uses float16 with a gradient scaler: a "
+                         "skipped first step would leave the fused kernel's momentum uninitialized; use None or False")
     elif fused and not fused_sgd_available(device):
-        raise ValueError(f"TrainConfig.fused_optimizer is True but torch has no fused SGD for {torch.device(device).type}")
+        raise ValueError(f"TrainConfig.fused_optimizer is True but torch has no fused SGD for {kind}")
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            fused=True if fused else None)
 
@@ -241,7 +252,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
             raise ValueError("TrainConfig.sync_bn needs CUDA (torch.nn.SyncBatchNorm has no CPU implementation)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg, device)
+    optimizer = build_optimizer(params, cfg, device, grad_scaler=precision.scaler)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.scaler)
     start = 0
     if checkpoint is not None:

@@ -22,8 +22,9 @@ With one factor applied (``factor_terms``, an attribution control [D]), the othe
 allows a reversal under the loss as trained: ``y > Y_REVERSAL`` (both factors), ``y > 1`` ("box"), none ("cls").
 
 :func:`watch_statistics` turns the positives' detached ``x``, ``y``, decoded IoU and ground-truth class
-score into the numbers of :data:`WATCH_KEYS`, computed as one tensor (no host synchronization here; the
-caller reads them all at once, e.g. :func:`harmonic.models.get_stats`).
+score into the numbers of :data:`WATCH_KEYS`, computed as one tensor that nothing here reads back (the
+caller reads them all at once, e.g. :func:`harmonic.models.get_stats`; on CUDA two small host-to-device
+copies of constants remain: the interpolation weights and the percentiles' indices).
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ WATCH_KEYS = (
 def _percentiles(values: Tensor) -> Tensor:
     """:data:`QUANTILES` of each row of ``values`` [R, P], ``[R, len(QUANTILES)]``, with torch.quantile's
     linear interpolation, from one sort and one gather (torch.quantile costs several times more on the
-    small tensors of a batch's positives). The positions are computed on the host from P: no device
-    synchronization."""
+    small tensors of a batch's positives). The positions are computed on the host from P: nothing is read
+    back from the device."""
     ordered = values.sort(dim=1).values
     last = values.shape[1] - 1
     positions = [q * last for q in QUANTILES]
@@ -112,22 +113,25 @@ def watch_statistics(
     if x.numel() == 0:
         return {}
     weighted_cls, weighted_box = factor_terms in ("both", "cls"), factor_terms in ("both", "box")
-    with torch.no_grad():  # few operations on [P]-sized tensors: each costs its launch, not its arithmetic
+    with torch.no_grad():  # small [P]-sized tensors: each operation costs its launch, not its arithmetic
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         values = torch.stack((x, y, iou, score)).to(dtype)  # [4, P]
         percentiles = _percentiles(values).reshape(-1)  # [4 * 3], quantity-major
-        xy = values[:2]
-        beta = torch.exp(-xy)  # [beta_c, beta_r]
-        # rows [dF/dx, dF/dy]. Eq. 8: dF/dx = 1 + e^-y - y e^-x; Eq. 5's bracket B(p, L) = dF/dy with p = e^-x,
-        # log p = -x, L = y. A factor left out contributes neither its value nor its derivative, a detached
-        # one only its value: row r is 1 + value_weight[r] * beta[1 - r] - slope_weight[r] * xy[1 - r] * beta[r]
-        value_weight = (float(weighted_cls), float(weighted_box))
-        slope_weight = (0.0, 0.0) if detach_factors else (float(weighted_box), float(weighted_cls))
-        weights = torch.tensor([value_weight, slope_weight], dtype=dtype, device=values.device)[..., None]
-        derivatives = 1.0 + weights[0] * beta.flip(0) - weights[1] * (xy.flip(0) * beta)
+        x, y = values[0], values[1]
+        beta_r, beta_c = torch.exp(-y), torch.exp(-x)
+        # Eq. 8: dF/dx = 1 + e^-y - y e^-x; Eq. 5's bracket B(p, L) = dF/dy with p = e^-x, log p = -x, L = y;
+        # a factor left out contributes neither its value nor its derivative, a detached one only its value
+        d_dx = 1.0 + beta_r if weighted_cls else torch.ones_like(x)
+        d_dy = 1.0 + beta_c if weighted_box else torch.ones_like(y)
+        if not detach_factors:
+            if weighted_box:
+                d_dx = d_dx - y * beta_c
+            if weighted_cls:
+                d_dy = d_dy - x * beta_r
+        derivatives = torch.stack((d_dx, d_dy))
         threshold = {"both": Y_REVERSAL, "box": 1.0, "cls": float("inf")}[factor_terms]
         # y over the threshold, dF/dx < 0, dF/dy < 0, dF/dx: their means over the positives
-        indicators = torch.cat((xy[1:] > threshold, derivatives < 0)).to(dtype)
+        indicators = torch.cat((values[1:2] > threshold, derivatives < 0)).to(dtype)
         shares = torch.cat((indicators, derivatives[:1])).mean(dim=1)
         flag = torch.full((1,), float(counterfactual), dtype=dtype, device=values.device)
         packed = torch.cat((percentiles, shares, flag))

@@ -422,11 +422,16 @@ def test_fused_sgd_trains_as_the_loop_and_a_resume_takes_the_configured_kernel(s
         tiny_config(tmp_path / "x", fused_optimizer="yes")
 
 
-def test_fused_sgd_asked_for_where_torch_lacks_it_is_an_error(tmp_path, monkeypatch):
+def test_fused_sgd_asked_for_where_torch_lacks_it_or_with_a_gradient_scaler_is_an_error(tmp_path, monkeypatch):
     from harmonic.engine import training
 
-    monkeypatch.setattr(training, "fused_sgd_available", lambda device: False)
+    assert training.fused_sgd_available("cpu") and not training.fused_sgd_available("meta")  # meta: no kernel
     params = [torch.nn.Parameter(torch.zeros(3))]
+    # float16's scaler can skip a first step, which would leave the fused kernel's momentum uninitialized
+    with pytest.raises(ValueError, match="fused_optimizer is True but the run uses float16 with a gradient scaler"):
+        training.build_optimizer(params, tiny_config(tmp_path / "x", fused_optimizer=True), "cpu", grad_scaler=True)
+    assert not training.build_optimizer(params, tiny_config(tmp_path / "x"), "cpu", grad_scaler=True).defaults["fused"]
+    monkeypatch.setattr(training, "fused_sgd_available", lambda device: False)
     assert not training.build_optimizer(params, tiny_config(tmp_path / "x"), "cpu").defaults["fused"]
     assert not training.build_optimizer(params, tiny_config(tmp_path / "x", fused_optimizer=False), "cpu").defaults["fused"]
     with pytest.raises(ValueError, match="fused_optimizer is True but torch has no fused SGD for cpu"):
@@ -475,3 +480,5 @@ def test_the_default_sgd_on_cuda_is_the_fused_kernel(tmp_path):
     params = [torch.nn.Parameter(torch.zeros(3, device="cuda"))]
     assert build_optimizer(params, tiny_config(tmp_path / "x"), "cuda").defaults["fused"] is True
     assert not build_optimizer(params, tiny_config(tmp_path / "x", fused_optimizer=False), "cuda").defaults["fused"]
+    # float16 with its gradient scaler: torch's default implementation
+    assert not build_optimizer(params, tiny_config(tmp_path / "x"), "cuda", grad_scaler=True).defaults["fused"]

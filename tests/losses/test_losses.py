@@ -375,39 +375,6 @@ def test_aligned_box_iou_matches_torchvision_diagonal(corners):
     )
 
 
-def _iou_per_coordinate(p: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """The aligned IoU written one box side at a time (sanitized as aligned_box_iou documents): the
-    reference its two-boxes-at-once implementation must match, value and gradient, bit for bit."""
-    p_lo, p_hi = torch.minimum(p[:, :2], p[:, 2:]), torch.maximum(p[:, :2], p[:, 2:])
-    t_lo, t_hi = torch.minimum(t[:, :2], t[:, 2:]), torch.maximum(t[:, :2], t[:, 2:])
-    p_wh, t_wh = p_hi - p_lo, t_hi - t_lo
-    inter_wh = (torch.minimum(p_hi, t_hi) - torch.maximum(p_lo, t_lo)).clamp(min=0)
-    inter = inter_wh[:, 0] * inter_wh[:, 1]
-    union = p_wh[:, 0] * p_wh[:, 1] + t_wh[:, 0] * t_wh[:, 1] - inter
-    return inter / union.clamp(min=eps)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_aligned_box_iou_equals_the_per_coordinate_form_with_its_gradients(dtype):
-    pred, target = _random_box_pairs(200, seed=11, dtype=dtype)
-    # ties in every place a minimum or maximum meets them: identical, inverted, zero-area, touching boxes,
-    # a corner shared with the target, disjoint boxes
-    special_pred = torch.tensor([[0, 0, 2, 2], [2, 2, 0, 0], [1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 2, 3], [5, 5, 6, 6],
-                                 [0, 0, 0, 0], [0, 1, 2, 1]], dtype=dtype)
-    special_target = torch.tensor([[0, 0, 2, 2], [0, 0, 2, 2], [0, 0, 2, 2], [1, 0, 2, 1], [0, 1, 2, 2], [0, 0, 1, 1],
-                                   [0, 0, 0, 0], [0, 0, 2, 2]], dtype=dtype)
-    pred, target = torch.cat([pred, special_pred]), torch.cat([target, special_target])
-    weights = torch.rand(pred.shape[0], generator=torch.Generator().manual_seed(3), dtype=dtype)
-    grads = []
-    for fn in (aligned_box_iou, _iou_per_coordinate):
-        p, t = pred.clone().requires_grad_(), target.clone().requires_grad_()
-        value = fn(p, t)
-        (value * weights).sum().backward()
-        grads.append((value.detach(), p.grad, t.grad))
-    for ours, reference in zip(*grads):
-        assert torch.equal(ours, reference)
-
-
 def test_aligned_box_iou_inverted_and_degenerate_boxes():
     pred = torch.tensor([[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
     target = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 5.0]])
