@@ -20,9 +20,10 @@ Sections:
   them, as the detectors compute it for the engine's log. The loss's targets are checked on
   ``harmonic_fused``; the watch statistics have their own budget in ``train_step``. The yardsticks are
   torchvision's stock path (its ``sigmoid_focal_loss`` over a one-hot target plus the generalized IoU loss
-  of the positives' decoded boxes, as in its FCOS) and one ``torch.sigmoid`` pass over the logits. Beside them, each backend of
-  :mod:`harmonic.fused` in place of torchvision's focal loss in the stock path (``fused_<backend>``),
-  and the reference composition (``harmonic.dense.focal_loss_per_anchor_reference``) likewise.
+  of the positives' decoded boxes, as in its FCOS) and one ``torch.sigmoid`` pass over the logits. Beside
+  them, each backend of :mod:`harmonic.fused` in place of torchvision's focal loss in the stock path
+  (``fused_<backend>``), and the reference composition (``harmonic.dense.focal_loss_per_anchor_reference``)
+  likewise.
   ``fused_eager_parallel_chunks`` is the eager backend with chunks above torch's parallel grain size,
   timed to show why the default chunk stays below it (``harmonic.fused.CHUNK_ELEMENTS``).
 * ``train_step``: a whole training step (forward, loss, backward, SGD step) of RetinaNet with the
@@ -913,8 +914,6 @@ def engine_step_section(config: BenchConfig) -> dict[str, Any]:
     that lever."""
     import gc
 
-    from harmonic.engine.training import fused_sgd_available
-
     device = torch.device(config.device)
     rows: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
@@ -929,12 +928,14 @@ def engine_step_section(config: BenchConfig) -> dict[str, Any]:
             "plain": _plain_step_function(models["plain"], images, targets, losses["plain"]),
             "engine": _engine_step_function(models["engine"], images, targets, device, losses["engine"]),
         }
-        # the same step with the other SGD implementation (fused kernel or per-parameter loop) than the
-        # engine's default on this device: the lever's measurement
+        # the same step with the other SGD implementation (fused kernel or torch's default) than the engine's
+        # default on this device: the lever's measurement, where build_optimizer allows the other one
         engine_fused = steps["engine"].precision["fused_optimizer"]  # type: ignore[attr-defined]
-        if engine_fused or (fused_sgd_available(device) and not steps["engine"].precision["grad_scaler"]):  # type: ignore[attr-defined]
+        try:
             steps["engine_other_sgd"] = _engine_step_function(models["engine_other_sgd"], images, targets, device,
                                                               losses["engine_other_sgd"], fused_optimizer=not engine_fused)
+        except ValueError:  # no fused kernel for the device, or float16's gradient scaler
+            pass
         samples = time_interleaved(steps, repeats=config.repeats, warmup=config.warmup, device=device)
         stats = {variant: _summary_ms(times) for variant, times in samples.items()}
         peaks = {}

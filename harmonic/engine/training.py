@@ -116,7 +116,6 @@ def _check_resumable(saved: Mapping[str, Any], cfg: TrainConfig, path: Path) -> 
         )
 
 
-
 def fused_sgd_available(device: torch.device | str) -> bool:
     """Whether torch's SGD runs its fused kernel for ``device``: one step of a probe parameter (the
     constructor does not check the device; a torch without ``fused=`` raises TypeError)."""
@@ -253,6 +252,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, device, grad_scaler=precision.scaler)
+    fused_sgd = bool(optimizer.defaults["fused"])
     scaler = torch.amp.GradScaler("cuda", enabled=precision.scaler)
     start = 0
     if checkpoint is not None:
@@ -278,7 +278,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
     }
     resolved = {
         "detector": detector_cfg.to_dict(), "device": str(device), "amp": precision.autocast, **precision.describe(),
-        "fused_optimizer": bool(optimizer.defaults.get("fused")),
+        "fused_optimizer": fused_sgd,
         "world_size": ctx.world_size,
         "global_batch_size": cfg.batch_size * ctx.world_size, "iters_per_epoch": per_epoch, "total_iters": total,
         "resumed_at_iteration": start if checkpoint is not None else None, **meta,
@@ -298,7 +298,7 @@ def _train(cfg: TrainConfig, ctx: Context, *, progress: bool, on_iteration) -> P
             "config": cfg.to_dict(), "resolved": resolved,
             "provenance": provenance(cfg.to_dict(), seed=cfg.seed, device=str(device),
                                      device_details={**backend_record(device), **precision.describe(),
-                                                     "fused_optimizer": bool(optimizer.defaults.get("fused"))}),
+                                                     "fused_optimizer": fused_sgd}),
         })
         unpack_log(run_dir)  # a finished run continued (a larger max_iters) appends to its log again
         truncate_log(log_path, start)

@@ -93,7 +93,7 @@ class HarmonicOptions:
     + L_loc_i``) or ``"box"`` (``CE_i + (1 + beta_c) L_loc_i``): controls that attribute an effect of the
     factors to one term [D]; only with ``factors=True``.
     ``watch``: add the watch statistics of the positives and their samples to the result
-    (:func:`harmonic.losses.watch_statistics`, about 25 operations on ``[P]``-sized tensors); False leaves
+    (:func:`harmonic.losses.watch_statistics`, about 30 operations on ``[P]``-sized tensors); False leaves
     them out, for a caller that does not read them. The detectors of :func:`harmonic.models.build_detector`
     keep them on: the engine logs them every iteration.
     """
