@@ -1,19 +1,23 @@
 """Test-bed measurements: short RetinaNet runs over the levers of the study's difficulty and budget.
 
 One run = a shapes dataset (generator parameters given as JSON, cached under the data root by their hash),
-a detector (the ``shapes-cpu`` preset with overrides), a schedule (iterations, lr; the preset's step
+a detector (the ``shapes-cpu`` preset, or ``--preset shapes-study``, with overrides), a schedule (iterations, lr; the preset's step
 decays scaled to the length), a seed. It trains one process with one thread, evaluates COCO AP on the
 dataset's validation split, and measures what the log does not hold for the baseline loss:
 
 * ``pos_iou``: the mean IoU of the positives' decoded boxes with their targets (anchors matched as in
   training, IoU >= 0.5 or the best anchor of each object), on the validation images, model in eval mode;
-* ``share_above_05``: the share of matched detections (the consistency metric's matching) scoring > 0.5.
+* ``share_above_05``: the share of matched detections (the consistency metric's matching) scoring > 0.5;
+* ``watch_<key>``: the watch statistics of the training log over its last 10% (:func:`watch_tail`).
 
 Every run writes a small JSON record to ``results/testbed/runs/<name>.json``; ``frontier`` collects them
-into ``results/testbed/frontier.json``. Checkpoints and detections stay under ``data/testbed-runs/``.
+into ``results/testbed/frontier.json`` (with the runs grouped over seeds and each loss paired with the
+baseline by seed) and rewrites the frontier table of ``docs/testbed.md``. Checkpoints and detections stay
+under ``data/testbed-runs/``.
 
-    python tools/testbed.py run NAME [--data JSON] [--detector JSON] [--train JSON] [--iters N] [--lr X] [--seed S]
+    python tools/testbed.py run NAME [--data JSON] [--detector JSON] [--train JSON] [--iters N] [--lr X] [--seed S] [--preset P]
     python tools/testbed.py frontier
+    python tools/testbed.py rewatch NAME...
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ def portable_backbone(value: str | None) -> str | None:
     return f"<data root>/pretrained/{Path(value).name}"
 
 
-def run(name: str, data: dict, detector: dict, train: dict, iters: int, lr: float, seed: int) -> dict[str, Any]:
+def run(name: str, data: dict, detector: dict, train: dict, iters: int, lr: float, seed: int,
+        preset: str = "shapes-cpu") -> dict[str, Any]:
     import torch
 
     from harmonic.data import build_dataset
@@ -96,25 +101,27 @@ def run(name: str, data: dict, detector: dict, train: dict, iters: int, lr: floa
     from harmonic.utils.runlog import read_log
 
     torch.set_num_threads(1)
-    folder = dataset_folder(data)
+    # the preset's own data set unless generator overrides are given (the shapes-cpu preset: always the
+    # `shapes` generator with the overrides, as the first lever runs were)
+    folder = dataset_folder(data) if data or preset == "shapes-cpu" else None
     run_dir = ROOT / "data" / "testbed-runs" / name
-    changes = {"dataset": str(folder), "output_dir": str(run_dir), "seed": seed, "lr": lr, "amp": "bf16",
+    changes = {**({"dataset": str(folder)} if folder else {}), "output_dir": str(run_dir), "seed": seed, "lr": lr, "amp": "bf16",
                "channels_last": True, "num_threads": 1, "resume": True, "checkpoint_every": 10**6,
                "log_every": 500, **scaled_schedule(iters), **train}
     if detector:
         changes["detector"] = detector
-    cfg = TrainConfig.preset("shapes-cpu", **changes)
+    cfg = TrainConfig.preset(preset, **changes)
     start = time.perf_counter()
     train_run(cfg, progress=False)
     train_minutes = (time.perf_counter() - start) / 60
     metrics = evaluate(run_dir, out_dir=run_dir, device="cpu", progress=False)
     model, _ = load_model(run_dir / "checkpoints" / "final.pt")
-    val = build_dataset(str(folder), "val", train=False)
+    val = build_dataset(str(folder) if folder else cfg.dataset, "val", train=False)
     piou = positive_iou(model, val)
     scores = json.loads((run_dir / "score_iou.json").read_text())["scores"]
     log = read_log(run_dir)  # log.jsonl.gz once the run is finished
     record = {
-        "name": name, "data": data,
+        "name": name, **({} if preset == "shapes-cpu" else {"preset": preset}), "data": data,
         "detector": {k: portable_backbone(v) if k == "pretrained_backbone" else v for k, v in detector.items()},
         "train": train, "iters": iters, "lr": lr, "seed": seed,
         "batch_size": cfg.batch_size, "min_size": cfg.detector.get("min_size"),
@@ -129,20 +136,222 @@ def run(name: str, data: dict, detector: dict, train: dict, iters: int, lr: floa
         "n_objects": metrics["consistency"]["n_objects"],
         "spearman": metrics["consistency"]["spearman"],
         "final_loss": round(sum(r["loss"] for r in log[-100:]) / min(100, len(log)), 4),
+        **watch_tail(log),
     }
     atomic_write_json(RECORDS / f"{name}.json", record)
     print(json.dumps(record), flush=True)
     return record
 
 
-def frontier() -> Path:
-    from harmonic.utils.files import atomic_write_json
+#: the watch statistics a record keeps: their mean over the last :data:`WATCH_TAIL` of training
+WATCH_KEYS = ("reversed_share", "y_over_threshold_share", "iou_p50", "score_p50", "score_p90")
+WATCH_TAIL = 0.1
 
-    records = [json.loads(p.read_text()) for p in sorted(RECORDS.glob("*.json"))]
-    path = ROOT / "results" / "testbed" / "frontier.json"
-    atomic_write_json(path, {"note": "every test-bed run [D]: 1 torch thread, bf16, channels_last, 2-core CPU shared "
-                                     "with one other run", "runs": records})
-    return path
+
+def watch_tail(log: list[dict[str, Any]], tail: float = WATCH_TAIL) -> dict[str, float]:
+    """``watch_<key>``: the mean of ``watch/<key>`` over the last ``tail`` of the log's iterations (keys the
+    log lacks are left out; a baseline's log holds them as counterfactuals, see the engine's watch)."""
+    last = log[len(log) - max(1, round(tail * len(log))):] if log else []
+    out = {}
+    for key in WATCH_KEYS:
+        values = [r[f"watch/{key}"] for r in last if isinstance(r.get(f"watch/{key}"), (int, float))]
+        if values:
+            out[f"watch_{key}"] = round(sum(values) / len(values), 4)
+    return out
+
+
+def rewatch(name: str) -> dict[str, Any]:
+    """Add :func:`watch_tail` to the record of a run trained before records kept it (its log is read from
+    ``data/testbed-runs/<name>``)."""
+    from harmonic.utils.files import atomic_write_json
+    from harmonic.utils.runlog import read_log
+
+    path = RECORDS / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no record of a test-bed run {name!r}")
+    run_dir = ROOT / "data" / "testbed-runs" / name
+    record = {**json.loads(path.read_text()), **watch_tail(read_log(run_dir))}
+    atomic_write_json(path, record)
+    return record
+
+
+#: the data sets of docs/testbed.md by their generator overrides (the shapes-study preset's data is D3)
+DATA_NAMES = {
+    "{}": "default",
+    json.dumps({"max_objects": 4, "max_occlusion": 0.5, "min_object_size": 0.2, "overlap_prob": 0.3},
+               sort_keys=True): "D2",
+    json.dumps({"max_object_size": 0.7, "max_objects": 3, "max_occlusion": 0.4, "min_object_size": 0.25,
+                "overlap_prob": 0.3}, sort_keys=True): "D3",
+    json.dumps({"max_object_size": 0.7, "max_objects": 2, "max_occlusion": 0.3, "min_object_size": 0.3,
+                "overlap_prob": 0.3}, sort_keys=True): "D4",
+}
+
+
+def setting_of(record: dict[str, Any]) -> dict[str, Any]:
+    """What a run was, without its seed: data, backbone, loss, image size, length, lr, other overrides. A
+    ``shapes-study`` run is the D3 data with the shapes backbone, as that preset is."""
+    detector = dict(record.get("detector") or {})
+    data = json.dumps(record.get("data") or {}, sort_keys=True)
+    if record.get("preset") == "shapes-study" and not record.get("data"):
+        data = next(k for k, v in DATA_NAMES.items() if v == "D3")
+        detector.setdefault("pretrained_backbone", "shapes")
+    backbone = detector.pop("pretrained_backbone", None)
+    loss = detector.pop("loss", "baseline")  # named as the sweeps' variants are (harmonic.experiments.sweeps)
+    if loss != "baseline" and detector.pop("hiou", False):
+        loss += "_hiou"
+    detector.pop("max_size", None)
+    train = {k: v for k, v in (record.get("train") or {}).items() if k != "checkpoint_every"}
+    return {"data": DATA_NAMES.get(data, data), "backbone": backbone or "scratch", "loss": loss,
+            "px": detector.pop("min_size", None) or record.get("min_size"), "iters": record["iters"], "lr": record["lr"],
+            "other": json.dumps({**detector, **train}, sort_keys=True) if detector or train else ""}
+
+
+def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of one setting pooled over seeds: ``seeds``; AP / AP50 / AP75 mean and sd (ddof=1; None for
+    one seed); ``minutes`` a run (min, max); ``pos_iou`` mean (None where a run lacks it); matched
+    detections above 0.5 and in all (summed); the ``watch_<key>`` means where every run has them. A run
+    gives ``seed``, ``AP``, ``AP50``, ``AP75``, ``train_minutes``, ``n_matched_above_05``, ``n_matched`` and
+    optionally ``pos_iou`` and ``watch_<key>`` (a test-bed record's fields)."""
+    import statistics
+
+    runs = sorted(runs, key=lambda r: r["seed"])
+    entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
+    for metric in ("AP", "AP50", "AP75"):
+        values = [r[metric] for r in runs]
+        entry[metric] = round(statistics.fmean(values), 2)
+        entry[f"{metric}_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else None
+    entry["minutes"] = [round(min(r["train_minutes"] for r in runs), 2), round(max(r["train_minutes"] for r in runs), 2)]
+    ious = [r.get("pos_iou") for r in runs]
+    entry["pos_iou"] = None if None in ious else round(statistics.fmean(ious), 4)
+    entry["matched_above_05"] = sum(r["n_matched_above_05"] for r in runs)
+    entry["matched"] = sum(r["n_matched"] for r in runs)
+    for key in WATCH_KEYS:
+        values = [r[f"watch_{key}"] for r in runs if f"watch_{key}" in r]
+        if len(values) == len(runs):
+            entry[f"watch_{key}"] = round(statistics.fmean(values), 4)
+    return entry
+
+
+def frontier_groups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records grouped by :func:`setting_of` (seeds pooled, :func:`_pool`), each with its ``runs``' names.
+    Sorted by data, backbone, loss, image size, length, lr."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(json.dumps(setting_of(record), sort_keys=True), []).append(record)
+    out = [{**json.loads(key), **_pool(runs), "runs": sorted(r["name"] for r in runs)} for key, runs in groups.items()]
+    return sorted(out, key=lambda g: (g["data"], g["backbone"], g["loss"], g["px"] or 0, g["iters"], g["lr"], g["other"]))
+
+
+def paired_loss_contrasts(records: list[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Every loss against the baseline run of the same setting and seed: the paired AP difference, its
+    t-interval and the minimum detectable effect at that number of pairs (power 0.8), where there are at
+    least two pairs (:func:`harmonic.experiments.report.minimum_detectable_effect`)."""
+    import math
+    import statistics
+
+    from scipy import stats
+
+    from harmonic.experiments.report import minimum_detectable_effect
+
+    by_setting: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for record in records:
+        setting = setting_of(record)
+        loss = setting.pop("loss")
+        by_setting.setdefault(json.dumps(setting, sort_keys=True), {}).setdefault(loss, {})[record["seed"]] = record
+    out = []
+    for key, losses in sorted(by_setting.items()):
+        base = losses.get("baseline", {})
+        for loss, runs in sorted(losses.items()):
+            seeds = sorted(set(runs) & set(base)) if loss != "baseline" else []
+            if len(seeds) < 2:
+                continue
+            diffs = [runs[s]["AP"] - base[s]["AP"] for s in seeds]
+            mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+            half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+            out.append({**json.loads(key), "loss": loss, "seeds": seeds, "diff": round(mean, 2),
+                        "low": round(mean - half, 2), "high": round(mean + half, 2), "sd": round(sd, 2),
+                        "mde": round(minimum_detectable_effect(sd, len(diffs), confidence=confidence), 2)})
+    return out
+
+
+def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "default") -> list[dict[str, Any]]:
+    """The committed runs of a sweep of the default study (``<runs_dir>/<sweep>-<variant>-s<seed>``) as
+    :func:`frontier_groups` entries, one per variant (the shapes-study setting). Minutes are the logged
+    iteration times summed; the positives' IoU on the validation images was not measured for them (None)."""
+    from harmonic.utils.runlog import read_log
+
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for metrics_path in sorted(runs_dir.glob(f"{sweep}-*-s*/metrics.json")):
+        run_dir = metrics_path.parent
+        variant, seed = run_dir.name[len(sweep) + 1:].rsplit("-s", 1)
+        coco = json.loads(metrics_path.read_text())["coco"]
+        scores = json.loads((run_dir / "score_iou.json").read_text())["scores"]
+        log = read_log(run_dir)
+        by_variant.setdefault(variant, []).append({
+            "seed": int(seed), "iters": log[-1]["iter"], "AP": 100 * coco["AP"], "AP50": 100 * coco["AP50"],
+            "AP75": 100 * coco["AP75"], "train_minutes": sum(r["time"] for r in log) / 60, "pos_iou": None,
+            "n_matched_above_05": sum(x > 0.5 for x in scores), "n_matched": len(scores), **watch_tail(log)})
+    return [{"data": "D3", "backbone": "shapes", "loss": f"{variant} (`make sweep SWEEP={sweep}`)", "px": 160,
+             "iters": runs[0]["iters"], "lr": 0.02, "other": "", **_pool(runs),
+             "runs": sorted(f"{sweep}-{variant}-s{r['seed']}" for r in runs)}
+            for variant, runs in sorted(by_variant.items())]
+
+
+def _fmt_sd(mean: float, sd: float | None) -> str:
+    return f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f}"
+
+
+def markdown_frontier(groups: list[dict[str, Any]], contrasts: list[dict[str, Any]]) -> str:
+    """The frontier of docs/testbed.md: the groups of the D3 data with the shapes backbone at 160 px and lr
+    0.02 (the default study's setting) by loss and length (:func:`frontier_groups`, with
+    :func:`study_groups`' rows), then the paired loss contrasts."""
+    rows = sorted((g for g in groups if g["data"] == "D3" and g["backbone"] == "shapes" and g["px"] == 160
+                   and g["lr"] == 0.02 and not g["other"]), key=lambda g: (g["iters"], g["pos_iou"] is None, g["loss"]))
+    lines = ["| loss | iterations | seeds | minutes a run | AP (mean ± sd over seeds) | AP50 | AP75 | positives' IoU "
+             "(validation) | matched detections above 0.5 | share with dF/dx < 0 (last 10%) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for g in rows:
+        reversed_ = "" if g.get("watch_reversed_share") is None else f"{g['watch_reversed_share']:.3f}"
+        pos_iou = "not measured" if g["pos_iou"] is None else f"{g['pos_iou']:.3f}"
+        lines.append(
+            f"| {g['loss']} | {g['iters']} | {len(g['seeds'])} | {g['minutes'][0]:.1f}-{g['minutes'][1]:.1f} | "
+            f"{_fmt_sd(g['AP'], g['AP_sd'])} | {g['AP50']:.1f} | {g['AP75']:.1f} | {pos_iou} | "
+            f"{g['matched_above_05']} of {g['matched']} | {reversed_} |")
+    if contrasts:
+        lines += ["", "| setting | loss against the baseline, paired by seed | pairs | AP difference [95% interval] | "
+                  "sd of the differences | minimum detectable effect (power 0.8) |", "|---|---|---|---|---|---|"]
+        for c in contrasts:
+            lines.append(f"| {c['data']}, {c['backbone']} backbone, {c['px']} px, {c['iters']} iterations | {c['loss']} | "
+                         f"{len(c['seeds'])} | {c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] | {c['sd']:.2f} | "
+                         f"{c['mde']:.2f} |")
+    return "\n".join(lines)
+
+
+#: the block of docs/testbed.md that ``frontier`` rewrites
+DOC = ROOT / "docs" / "testbed.md"
+BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
+
+
+def frontier(doc: Path | None = DOC, *, records_dir: Path = RECORDS,
+             out: Path = ROOT / "results" / "testbed" / "frontier.json", runs_dir: Path = ROOT / "results" / "runs") -> Path:
+    """Collect the records of ``records_dir`` into ``out`` (runs, groups, paired loss contrasts), with the
+    default study's committed runs of ``runs_dir`` as groups too, and rewrite the frontier block of ``doc``
+    (docs/testbed.md) from them. Returns ``out``."""
+    from harmonic.utils.files import atomic_write_json, atomic_write_text
+
+    records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
+    groups, contrasts = frontier_groups(records) + study_groups(runs_dir), paired_loss_contrasts(records)
+    text = doc.read_text() if doc is not None else None
+    if text is not None and (BEGIN not in text or END not in text):
+        raise ValueError(f"{doc}: no {BEGIN} ... {END} block to write the frontier into")
+    atomic_write_json(out, {"note": "every test-bed run [D]: 1 torch thread, bf16, channels_last, 2-core CPU shared "
+                                    "with one other run", "runs": records, "groups": groups,
+                            "paired_loss_contrasts": contrasts})
+    if text is not None:
+        head, rest = text.split(BEGIN, 1)
+        atomic_write_text(doc, head + BEGIN + "\n" + markdown_frontier(groups, contrasts) + "\n" + END
+                          + rest.split(END, 1)[1])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,11 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--iters", type=int, default=1200)
     r.add_argument("--lr", type=float, default=0.02)
     r.add_argument("--seed", type=int, default=0)
-    sub.add_parser("frontier")
+    r.add_argument("--preset", default="shapes-cpu", choices=("shapes-cpu", "shapes-study"),
+                   help="the training preset the overrides apply to (shapes-study: the default study's, its data "
+                        "unless --data is given)")
+    sub.add_parser("frontier", help="collect the records into results/testbed/frontier.json and docs/testbed.md")
+    w = sub.add_parser("rewatch", help="add the watch statistics to records of runs trained before they were kept")
+    w.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.name, json.loads(args.data), json.loads(args.detector), json.loads(args.train), args.iters, args.lr,
-            args.seed)
+            args.seed, args.preset)
+    elif args.command == "rewatch":
+        for name in args.names:
+            print(json.dumps(rewatch(name)))
     else:
         print(frontier())
     return 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,3 +47,76 @@ def test_results_record_a_weights_file_without_this_machines_path():
     assert portable_backbone("/somewhere/data/pretrained/resnet18_fpn-shapes-1.pt") == (
         "<data root>/pretrained/resnet18_fpn-shapes-1.pt")
     assert portable_backbone("shapes") == "shapes" and portable_backbone(None) is None
+
+
+def _record(name, seed, ap, *, iters=2400, loss=None, preset=None, **extra):
+    record = {"name": name, "seed": seed, "AP": ap, "AP50": 2 * ap, "AP75": ap / 2, "iters": iters, "lr": 0.02,
+              "min_size": 160, "train_minutes": 5.0 + seed, "pos_iou": 0.7, "n_matched": 100,
+              "n_matched_above_05": seed, "train": {"checkpoint_every": 400}, **extra}
+    if preset:
+        record.update(preset=preset, data={}, detector={"loss": loss, "hiou": True} if loss else {})
+    else:
+        record.update(data={"max_object_size": 0.7, "max_objects": 3, "max_occlusion": 0.4, "min_object_size": 0.25,
+                            "overlap_prob": 0.3}, detector={"pretrained_backbone": "shapes"})
+    return record
+
+
+def test_watch_tail_averages_the_last_tenth_of_the_log():
+    log = [{"iter": i, "watch/reversed_share": 0.0 if i <= 90 else 1.0, "watch/iou_p50": i / 100} for i in range(1, 101)]
+    tail = testbed.watch_tail(log)
+    assert tail["watch_reversed_share"] == 1.0  # iterations 91-100 only
+    assert tail["watch_iou_p50"] == pytest.approx(0.955)
+    assert "watch_score_p50" not in tail  # not logged: left out, not zero
+    assert testbed.watch_tail([]) == {}
+
+
+def test_frontier_groups_pool_seeds_and_read_the_study_preset_as_d3():
+    records = [_record("a-s0", 0, 10.0), _record("a-s1", 1, 12.0),  # D3 + shapes backbone, given as overrides
+               _record("b-s2", 2, 14.0, preset="shapes-study"),  # the same setting, given as the preset
+               _record("c-s0", 0, 3.0, preset="shapes-study", loss="harmonic"),
+               _record("d-s0", 0, 20.0, iters=4800)]
+    groups = {(g["loss"], g["iters"]): g for g in testbed.frontier_groups(records)}
+    assert set(groups) == {("baseline", 2400), ("harmonic_hiou", 2400), ("baseline", 4800)}
+    pooled = groups[("baseline", 2400)]
+    assert pooled["data"] == "D3" and pooled["backbone"] == "shapes" and pooled["seeds"] == [0, 1, 2]
+    assert pooled["AP"] == 12.0 and pooled["AP_sd"] == 2.0 and pooled["AP50"] == 24.0
+    assert pooled["minutes"] == [5.0, 7.0] and pooled["matched_above_05"] == 3 and pooled["matched"] == 300
+    assert groups[("baseline", 4800)]["AP_sd"] is None  # one seed: no spread claimed
+
+
+def test_paired_loss_contrasts_pair_by_seed_with_an_interval_and_the_detectable_effect():
+    from scipy import stats
+
+    from harmonic.experiments.report import minimum_detectable_effect
+
+    base = [_record(f"b{s}", s, ap, preset="shapes-study") for s, ap in enumerate((10.0, 12.0, 11.0, 13.0))]
+    method = [_record(f"h{s}", s, ap, preset="shapes-study", loss="harmonic") for s, ap in enumerate((8.0, 11.0, 8.0, 12.0))]
+    unpaired = [_record("h9", 9, 0.0, preset="shapes-study", loss="harmonic")]  # no baseline of seed 9
+    (contrast,) = testbed.paired_loss_contrasts(base + method + unpaired)
+    diffs = [-2.0, -1.0, -3.0, -1.0]
+    sd = float(np.std(diffs, ddof=1))
+    half = stats.t.ppf(0.975, 3) * sd / 2
+    assert contrast["loss"] == "harmonic_hiou" and contrast["seeds"] == [0, 1, 2, 3] and contrast["iters"] == 2400
+    assert contrast["diff"] == -1.75
+    assert contrast["low"] == pytest.approx(-1.75 - half, abs=0.01) and contrast["high"] == pytest.approx(-1.75 + half, abs=0.01)
+    assert contrast["mde"] == pytest.approx(minimum_detectable_effect(sd, 4), abs=0.01)
+    assert testbed.paired_loss_contrasts(base + method[:1]) == []  # one pair: no interval
+
+
+def test_frontier_rewrites_only_its_block_of_the_doc_and_refuses_a_doc_without_one(tmp_path):
+    records_dir = tmp_path / "runs"
+    records_dir.mkdir()
+    for record in (_record("x-s0", 0, 10.0), _record("x-s1", 1, 12.0)):
+        (records_dir / f"{record['name']}.json").write_text(json.dumps(record))
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{testbed.BEGIN}\nstale\n{testbed.END}\nafter\n")
+    out = testbed.frontier(doc, records_dir=records_dir, out=tmp_path / "frontier.json", runs_dir=tmp_path / "none")
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{testbed.END}\nafter\n") and "stale" not in text
+    assert "| baseline | 2400 | 2 | 5.0-6.0 | 11.00 ± 1.41 |" in text
+    assert json.loads(out.read_text())["groups"][0]["runs"] == ["x-s0", "x-s1"]
+    bare = tmp_path / "bare.md"
+    bare.write_text("no block\n")
+    with pytest.raises(ValueError, match="bare.md"):
+        testbed.frontier(bare, records_dir=records_dir, out=tmp_path / "other.json", runs_dir=tmp_path / "none")
+    assert not (tmp_path / "other.json").exists()  # nothing written when the doc cannot take the table
