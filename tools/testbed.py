@@ -305,8 +305,7 @@ def markdown_frontier(groups: list[dict[str, Any]], contrasts: list[dict[str, An
     """The frontier of docs/testbed.md: the groups of the D3 data with the shapes backbone at 160 px and lr
     0.02 (the default study's setting) by loss and length (:func:`frontier_groups`, with
     :func:`study_groups`' rows), then the paired loss contrasts."""
-    rows = sorted((g for g in groups if g["data"] == "D3" and g["backbone"] == "shapes" and g["px"] == 160
-                   and g["lr"] == 0.02 and not g["other"]), key=lambda g: (g["iters"], g["pos_iou"] is None, g["loss"]))
+    rows = _frontier_rows(groups)
     lines = ["| loss | iterations | seeds | minutes a run | AP (mean ± sd over seeds) | AP50 | AP75 | positives' IoU "
              "(validation) | matched detections above 0.5 | share with dF/dx < 0 (last 10%) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -327,6 +326,39 @@ def markdown_frontier(groups: list[dict[str, Any]], contrasts: list[dict[str, An
     return "\n".join(lines)
 
 
+def _frontier_rows(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups of the default study's setting (D3, shapes backbone, 160 px, lr 0.02, nothing else
+    changed), by length, the test bed's runs before the committed study's at the same length."""
+    return sorted((g for g in groups if g["data"] == "D3" and g["backbone"] == "shapes" and g["px"] == 160
+                   and g["lr"] == 0.02 and not g["other"]), key=lambda g: (g["iters"], g["pos_iou"] is None, g["loss"]))
+
+
+def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: int = 100):
+    """AP (mean ± sd over seeds) against the length of training, one line per loss of
+    :func:`_frontier_rows` (the committed study's variants as their own points)."""
+    from harmonic.experiments.figures import plot_metric_vs_param
+    from harmonic.utils.figures import caption, finish, new_figure
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    for g in _frontier_rows(groups):
+        series.setdefault(g["loss"], []).append(g)
+    fig = new_figure((6.4, 4.4))
+    ax = fig.add_subplot()
+    for label, rows in series.items():
+        plot_metric_vs_param([g["iters"] for g in rows], [g["AP"] for g in rows], [g["AP_sd"] for g in rows],
+                             f"{label.replace('`', '')}, seeds: {', '.join(str(len(g['seeds'])) for g in rows)}",
+                             "training iterations",
+                             ax=ax)
+    lengths = sorted({g["iters"] for rows in series.values() for g in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_title("the test bed's frontier: AP against training length [D]", fontsize=10)
+    caption(fig, "RetinaNet R18-FPN, shapes-pretrained backbone, shapes-study data, 160 px, lr 0.02, bfloat16, "
+                 "2-core CPU")
+    return finish(fig, path, dpi)
+
+
 #: the block of docs/testbed.md that ``frontier`` rewrites
 DOC = ROOT / "docs" / "testbed.md"
 BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
@@ -335,8 +367,8 @@ BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
 def frontier(doc: Path | None = DOC, *, records_dir: Path = RECORDS,
              out: Path = ROOT / "results" / "testbed" / "frontier.json", runs_dir: Path = ROOT / "results" / "runs") -> Path:
     """Collect the records of ``records_dir`` into ``out`` (runs, groups, paired loss contrasts), with the
-    default study's committed runs of ``runs_dir`` as groups too, and rewrite the frontier block of ``doc``
-    (docs/testbed.md) from them. Returns ``out``."""
+    default study's committed runs of ``runs_dir`` as groups too; draw :func:`plot_frontier` beside ``out``
+    (``frontier.png``) and rewrite the frontier block of ``doc`` (docs/testbed.md) from them. Returns ``out``."""
     from harmonic.utils.files import atomic_write_json, atomic_write_text
 
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
@@ -347,6 +379,7 @@ def frontier(doc: Path | None = DOC, *, records_dir: Path = RECORDS,
     atomic_write_json(out, {"note": "every test-bed run [D]: 1 torch thread, bf16, channels_last, 2-core CPU shared "
                                     "with one other run", "runs": records, "groups": groups,
                             "paired_loss_contrasts": contrasts})
+    plot_frontier(groups, out.with_suffix(".png"))
     if text is not None:
         head, rest = text.split(BEGIN, 1)
         atomic_write_text(doc, head + BEGIN + "\n" + markdown_frontier(groups, contrasts) + "\n" + END

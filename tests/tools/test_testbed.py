@@ -115,6 +115,7 @@ def test_frontier_rewrites_only_its_block_of_the_doc_and_refuses_a_doc_without_o
     assert text.startswith("before\n") and text.endswith(f"{testbed.END}\nafter\n") and "stale" not in text
     assert "| baseline | 2400 | 2 | 5.0-6.0 | 11.00 ± 1.41 |" in text
     assert json.loads(out.read_text())["groups"][0]["runs"] == ["x-s0", "x-s1"]
+    assert out.with_suffix(".png").stat().st_size > 0
     bare = tmp_path / "bare.md"
     bare.write_text("no block\n")
     with pytest.raises(ValueError, match="bare.md"):
