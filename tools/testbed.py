@@ -18,6 +18,7 @@ under ``data/testbed-runs/``.
     python tools/testbed.py run NAME [--data JSON] [--detector JSON] [--train JSON] [--iters N] [--lr X] [--seed S] [--preset P]
     python tools/testbed.py frontier
     python tools/testbed.py rewatch NAME...
+    python tools/testbed.py pos-iou RUN_DIR...
 """
 
 from __future__ import annotations
@@ -175,6 +176,35 @@ def rewatch(name: str) -> dict[str, Any]:
     return record
 
 
+#: the positives' IoU on the validation images of committed run folders (``pos-iou``), by run name
+POS_IOU = ROOT / "results" / "testbed" / "pos_iou.json"
+
+
+def run_pos_iou(run_dirs: list[Path], out: Path = POS_IOU) -> dict[str, Any]:
+    """:func:`positive_iou` of each run folder's ``checkpoints/final.pt`` on its data set's validation
+    split, merged into ``out`` by run name (for runs trained elsewhere than this tool, e.g. a sweep's)."""
+    import torch
+
+    from harmonic.data import build_dataset
+    from harmonic.engine.checkpoints import load_model
+    from harmonic.utils.files import atomic_write_json
+
+    torch.set_num_threads(1)
+    table = json.loads(out.read_text()) if out.is_file() else {}
+    for run_dir in run_dirs:
+        final = run_dir / "checkpoints" / "final.pt"
+        if not final.is_file():
+            raise FileNotFoundError(f"{final}: no final model to measure (the run folder's checkpoints are not "
+                                    "committed; train the run here first)")
+        config = json.loads((run_dir / "config.json").read_text())["config"]
+        model, _ = load_model(final)
+        table[run_dir.name] = {k: round(v, 4) if isinstance(v, float) else v
+                               for k, v in positive_iou(model, build_dataset(config["dataset"], "val", train=False)).items()}
+        atomic_write_json(out, dict(sorted(table.items())))  # after each run: an interruption keeps the rest
+        print(run_dir.name, table[run_dir.name], flush=True)
+    return table
+
+
 #: the data sets of docs/testbed.md by their generator overrides (the shapes-study preset's data is D3)
 DATA_NAMES = {
     "{}": "default",
@@ -274,11 +304,15 @@ def paired_loss_contrasts(records: list[dict[str, Any]], confidence: float = 0.9
     return out
 
 
-def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "default") -> list[dict[str, Any]]:
+def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "default",
+                 pos_iou: Path = POS_IOU) -> list[dict[str, Any]]:
     """The committed runs of a sweep of the default study (``<runs_dir>/<sweep>-<variant>-s<seed>``) as
     :func:`frontier_groups` entries, one per variant (the shapes-study setting). Minutes are the logged
-    iteration times summed; the positives' IoU on the validation images was not measured for them (None)."""
+    iteration times summed; the positives' IoU on the validation images comes from ``pos_iou``
+    (:func:`run_pos_iou`; None where a run has not been measured)."""
     from harmonic.utils.runlog import read_log
+
+    measured = json.loads(pos_iou.read_text()) if pos_iou.is_file() else {}
 
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for metrics_path in sorted(runs_dir.glob(f"{sweep}-*-s*/metrics.json")):
@@ -289,7 +323,8 @@ def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "defau
         log = read_log(run_dir)
         by_variant.setdefault(variant, []).append({
             "seed": int(seed), "iters": log[-1]["iter"], "AP": 100 * coco["AP"], "AP50": 100 * coco["AP50"],
-            "AP75": 100 * coco["AP75"], "train_minutes": sum(r["time"] for r in log) / 60, "pos_iou": None,
+            "AP75": 100 * coco["AP75"], "train_minutes": sum(r["time"] for r in log) / 60,
+            "pos_iou": measured.get(run_dir.name, {}).get("pos_iou"),
             "n_matched_above_05": sum(x > 0.5 for x in scores), "n_matched": len(scores), **watch_tail(log)})
     return [{"data": "D3", "backbone": "shapes", "loss": f"{variant} (`make sweep SWEEP={sweep}`)", "px": 160,
              "iters": runs[0]["iters"], "lr": 0.02, "other": "", **_pool(runs),
@@ -402,12 +437,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="the training preset the overrides apply to (shapes-study: the default study's, its data "
                         "unless --data is given)")
     sub.add_parser("frontier", help="collect the records into results/testbed/frontier.json and docs/testbed.md")
+    q = sub.add_parser("pos-iou", help="measure the positives' IoU of committed run folders (results/testbed/pos_iou.json)")
+    q.add_argument("run_dirs", nargs="+", type=Path)
     w = sub.add_parser("rewatch", help="add the watch statistics to records of runs trained before they were kept")
     w.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.name, json.loads(args.data), json.loads(args.detector), json.loads(args.train), args.iters, args.lr,
             args.seed, args.preset)
+    elif args.command == "pos-iou":
+        run_pos_iou(args.run_dirs)
     elif args.command == "rewatch":
         for name in args.names:
             print(json.dumps(rewatch(name)))

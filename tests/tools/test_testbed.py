@@ -121,3 +121,45 @@ def test_frontier_rewrites_only_its_block_of_the_doc_and_refuses_a_doc_without_o
     with pytest.raises(ValueError, match="bare.md"):
         testbed.frontier(bare, records_dir=records_dir, out=tmp_path / "other.json", runs_dir=tmp_path / "none")
     assert not (tmp_path / "other.json").exists()  # nothing written when the doc cannot take the table
+
+
+def test_pos_iou_of_run_folders_merges_by_name_and_names_a_missing_model(tmp_path, monkeypatch):
+    import harmonic.data
+    import harmonic.engine.checkpoints
+
+    out = tmp_path / "pos_iou.json"
+    out.write_text(json.dumps({"earlier-run": {"pos_iou": 0.5, "num_positives": 7}}))
+    run_dir = tmp_path / "default-baseline-s0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "final.pt").write_bytes(b"")
+    (run_dir / "config.json").write_text(json.dumps({"config": {"dataset": "shapes-study"}}))
+    seen = {}
+    monkeypatch.setattr(harmonic.engine.checkpoints, "load_model", lambda path: (f"model of {path.name}", None))
+    monkeypatch.setattr(harmonic.data, "build_dataset", lambda name, split, train: seen.setdefault("data", (name, split, train)))
+    monkeypatch.setattr(testbed, "positive_iou", lambda model, data: {"pos_iou": 0.123456, "num_positives": 3})
+    table = testbed.run_pos_iou([run_dir], out)
+    assert seen["data"] == ("shapes-study", "val", False)
+    assert table == json.loads(out.read_text()) == {"default-baseline-s0": {"pos_iou": 0.1235, "num_positives": 3},
+                                                     "earlier-run": {"pos_iou": 0.5, "num_positives": 7}}
+    (run_dir / "checkpoints" / "final.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="default-baseline-s0"):
+        testbed.run_pos_iou([run_dir], out)
+
+
+def test_study_groups_read_committed_runs_and_their_measured_iou(tmp_path):
+    runs_dir = tmp_path / "runs"
+    for seed, ap in ((0, 0.10), (1, 0.12)):
+        run_dir = runs_dir / f"default-baseline-s{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"coco": {"AP": ap, "AP50": 0.2, "AP75": 0.05}}))
+        (run_dir / "score_iou.json").write_text(json.dumps({"scores": [0.9, 0.4, 0.6]}))
+        log = [{"iter": i, "time": 0.6, "watch/reversed_share": 0.5} for i in range(1, 201)]
+        (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    pos_iou = tmp_path / "pos_iou.json"
+    pos_iou.write_text(json.dumps({"default-baseline-s0": {"pos_iou": 0.7}, "default-baseline-s1": {"pos_iou": 0.8}}))
+    (group,) = testbed.study_groups(runs_dir, pos_iou=pos_iou)
+    assert group["loss"].startswith("baseline (") and group["iters"] == 200 and group["seeds"] == [0, 1]
+    assert group["AP"] == 11.0 and group["AP_sd"] == pytest.approx(1.41, abs=0.01)
+    assert group["minutes"] == [2.0, 2.0] and group["matched_above_05"] == 4 and group["matched"] == 6
+    assert group["pos_iou"] == 0.75 and group["watch_reversed_share"] == 0.5
+    assert testbed.study_groups(runs_dir, pos_iou=tmp_path / "absent.json")[0]["pos_iou"] is None
