@@ -150,56 +150,90 @@ WATCH_TAIL = 0.1
 
 
 def watch_tail(log: list[dict[str, Any]], tail: float = WATCH_TAIL) -> dict[str, float]:
-    """``watch_<key>``: the mean of ``watch/<key>`` over the last ``tail`` of the log's iterations (keys the
-    log lacks are left out; a baseline's log holds them as counterfactuals, see the engine's watch)."""
-    last = log[len(log) - max(1, round(tail * len(log))):] if log else []
-    out = {}
-    for key in WATCH_KEYS:
-        values = [r[f"watch/{key}"] for r in last if isinstance(r.get(f"watch/{key}"), (int, float))]
-        if values:
-            out[f"watch_{key}"] = round(sum(values) / len(values), 4)
-    return out
+    """``watch_<key>``: the mean of ``watch/<key>`` over the last ``tail`` of the log's records that carry it
+    (:func:`harmonic.utils.runlog.tail_means`, as ``tools/watch_summary.py`` reads it); keys the log lacks
+    are left out. A baseline's log holds them as counterfactuals (the engine's watch statistics)."""
+    from harmonic.utils.runlog import tail_means
+
+    means = tail_means(log, [f"watch/{key}" for key in WATCH_KEYS], tail)
+    return {f"watch_{key}": round(means[f"watch/{key}"], 4) for key in WATCH_KEYS if means[f"watch/{key}"] is not None}
 
 
-def rewatch(name: str) -> dict[str, Any]:
-    """Add :func:`watch_tail` to the record of a run trained before records kept it (its log is read from
-    ``data/testbed-runs/<name>``)."""
+def rewatch(name: str, records_dir: Path = RECORDS, runs_dir: Path = ROOT / "data" / "testbed-runs") -> dict[str, Any]:
+    """Replace the ``watch_<key>`` fields of the record of run ``name`` with :func:`watch_tail` of its log
+    (read from ``runs_dir/<name>``): for runs trained before records kept them."""
     from harmonic.utils.files import atomic_write_json
-    from harmonic.utils.runlog import read_log
+    from harmonic.utils.runlog import find_log, read_log
 
-    path = RECORDS / f"{name}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no record of a test-bed run {name!r}")
-    run_dir = ROOT / "data" / "testbed-runs" / name
-    record = {**json.loads(path.read_text()), **watch_tail(read_log(run_dir))}
+    path = records_dir / f"{name}.json"
+    record = load_record(path)
+    log = find_log(runs_dir / name)
+    if not log.is_file():
+        raise FileNotFoundError(f"{log}: no training log of the test-bed run {name!r}")
+    watch = watch_tail(read_log(log))
+    if not watch:
+        raise ValueError(f"{log}: the log holds no watch statistics (watch/...) to add to {path}")
+    record = {**{k: v for k, v in record.items() if not k.startswith("watch_")}, **watch}
     atomic_write_json(path, record)
     return record
+
+
+#: the fields every record has (``frontier`` refuses a record without one, naming it)
+REQUIRED = ("name", "seed", "iters", "lr", "AP", "AP50", "AP75", "train_minutes", "n_matched", "n_matched_above_05")
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    """One record, checked for :data:`REQUIRED`; errors name the file and the field."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no record of a test-bed run") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a JSON record ({err})") from None
+    missing = [field for field in REQUIRED if not isinstance(record, dict) or field not in record]
+    if missing:
+        raise ValueError(f"{path}: record without the field(s) {missing}")
+    return record
+
+
+def load_records(records_dir: Path = RECORDS) -> list[dict[str, Any]]:
+    """Every record of ``records_dir`` (:func:`load_record`), by file name."""
+    return [load_record(path) for path in sorted(records_dir.glob("*.json"))]
 
 
 #: the positives' IoU on the validation images of committed run folders (``pos-iou``), by run name
 POS_IOU = ROOT / "results" / "testbed" / "pos_iou.json"
 
 
+def _read_table(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a JSON table ({err})") from None
+
+
 def run_pos_iou(run_dirs: list[Path], out: Path = POS_IOU) -> dict[str, Any]:
     """:func:`positive_iou` of each run folder's ``checkpoints/final.pt`` on its data set's validation
-    split, merged into ``out`` by run name (for runs trained elsewhere than this tool, e.g. a sweep's)."""
+    split, merged into ``out`` by run name (for runs trained elsewhere than this tool, e.g. a sweep's).
+    Every folder is checked before the first is measured; ``out`` is rewritten after each."""
     import torch
 
     from harmonic.data import build_dataset
     from harmonic.engine.checkpoints import load_model
     from harmonic.utils.files import atomic_write_json
 
-    torch.set_num_threads(1)
-    table = json.loads(out.read_text()) if out.is_file() else {}
     for run_dir in run_dirs:
-        final = run_dir / "checkpoints" / "final.pt"
-        if not final.is_file():
-            raise FileNotFoundError(f"{final}: no final model to measure (the run folder's checkpoints are not "
-                                    "committed; train the run here first)")
+        for needed in (run_dir / "checkpoints" / "final.pt", run_dir / "config.json"):
+            if not needed.is_file():
+                raise FileNotFoundError(f"{needed}: missing, so {run_dir} cannot be measured (a run folder's "
+                                        "checkpoints are not committed: train the run here first)")
+    table = _read_table(out)
+    torch.set_num_threads(1)
+    for run_dir in run_dirs:
         config = json.loads((run_dir / "config.json").read_text())["config"]
-        model, _ = load_model(final)
-        table[run_dir.name] = {k: round(v, 4) if isinstance(v, float) else v
-                               for k, v in positive_iou(model, build_dataset(config["dataset"], "val", train=False)).items()}
+        model, _ = load_model(run_dir / "checkpoints" / "final.pt")
+        measured = positive_iou(model, build_dataset(config["dataset"], "val", train=False))
+        table[run_dir.name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in measured.items()}
         atomic_write_json(out, dict(sorted(table.items())))  # after each run: an interruption keeps the rest
         print(run_dir.name, table[run_dir.name], flush=True)
     return table
@@ -215,41 +249,79 @@ DATA_NAMES = {
     json.dumps({"max_object_size": 0.7, "max_objects": 2, "max_occlusion": 0.3, "min_object_size": 0.3,
                 "overlap_prob": 0.3}, sort_keys=True): "D4",
 }
+#: the named data presets by the names above
+PRESET_DATA = {"shapes": "default", "shapes-study": "D3"}
+
+
+def loss_variant(detector: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(name, rest)``: the loss options of ``detector`` named as the sweeps' variant with exactly those
+    options (:data:`harmonic.experiments.sweeps.VARIANTS`; their JSON where none matches) and the
+    detector overrides that are not loss options."""
+    from harmonic.experiments.sweeps import VARIANTS
+
+    loss_keys = {key for options in VARIANTS.values() for key in options}
+    options = {key: value for key, value in detector.items() if key in loss_keys}
+    rest = {key: value for key, value in detector.items() if key not in loss_keys}
+    options.setdefault("loss", "baseline")
+    name = next((variant for variant, known in VARIANTS.items() if known == options), None)
+    return name or json.dumps(options, sort_keys=True), rest
 
 
 def setting_of(record: dict[str, Any]) -> dict[str, Any]:
-    """What a run was, without its seed: data, backbone, loss, image size, length, lr, other overrides. A
-    ``shapes-study`` run is the D3 data with the shapes backbone, as that preset is."""
+    """What a run was, without its seed: data, backbone (the one it trained with, as the record keeps it),
+    loss (:func:`loss_variant`), image size, length, lr, and any other override (JSON, "" for none). The
+    ``shapes-study`` preset's own data is D3."""
     detector = dict(record.get("detector") or {})
     data = json.dumps(record.get("data") or {}, sort_keys=True)
-    if record.get("preset") == "shapes-study" and not record.get("data"):
-        data = next(k for k, v in DATA_NAMES.items() if v == "D3")
-        detector.setdefault("pretrained_backbone", "shapes")
-    backbone = detector.pop("pretrained_backbone", None)
-    loss = detector.pop("loss", "baseline")  # named as the sweeps' variants are (harmonic.experiments.sweeps)
-    if loss != "baseline" and detector.pop("hiou", False):
-        loss += "_hiou"
+    if not record.get("data") and record.get("preset") in PRESET_DATA:
+        data = PRESET_DATA[record["preset"]]
+    backbone = record["pretrained_backbone"] if "pretrained_backbone" in record else detector.get("pretrained_backbone")
+    detector.pop("pretrained_backbone", None)
     detector.pop("max_size", None)
+    px = detector.pop("min_size", None) or record.get("min_size")
+    loss, rest = loss_variant(detector)
     train = {k: v for k, v in (record.get("train") or {}).items() if k != "checkpoint_every"}
-    return {"data": DATA_NAMES.get(data, data), "backbone": backbone or "scratch", "loss": loss,
-            "px": detector.pop("min_size", None) or record.get("min_size"), "iters": record["iters"], "lr": record["lr"],
-            "other": json.dumps({**detector, **train}, sort_keys=True) if detector or train else ""}
+    return {"data": DATA_NAMES.get(data, data), "backbone": backbone or "scratch", "loss": loss, "px": px,
+            "iters": record["iters"], "lr": record["lr"],
+            "other": json.dumps({**rest, **train}, sort_keys=True) if rest or train else ""}
+
+
+def _by_setting(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """The records by the JSON of :func:`setting_of`, then by seed; the same seed twice in one setting is an
+    error naming both runs (a repeat would count twice in a spread and once in a pairing)."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for record in records:
+        seeds = out.setdefault(json.dumps(setting_of(record), sort_keys=True), {})
+        if record["seed"] in seeds:
+            raise ValueError(f"records {seeds[record['seed']]['name']!r} and {record['name']!r} are the same setting "
+                             f"and seed {record['seed']}: remove or rename one")
+        seeds[record["seed"]] = record
+    return out
+
+
+def _as_run(record: dict[str, Any], variant: str):
+    """A record as :class:`harmonic.experiments.report.Run` (AP in percent), for the report's statistics."""
+    from harmonic.experiments.report import Run
+
+    return Run(record["name"], Path(record["name"]), variant, int(record["seed"]), None,
+               {metric: record[metric] for metric in ("AP", "AP50", "AP75")})
 
 
 def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Runs of one setting pooled over seeds: ``seeds``; AP / AP50 / AP75 mean and sd (ddof=1; None for
-    one seed); ``minutes`` a run (min, max); ``pos_iou`` mean (None where a run lacks it); matched
-    detections above 0.5 and in all (summed); the ``watch_<key>`` means where every run has them. A run
-    gives ``seed``, ``AP``, ``AP50``, ``AP75``, ``train_minutes``, ``n_matched_above_05``, ``n_matched`` and
-    optionally ``pos_iou`` and ``watch_<key>`` (a test-bed record's fields)."""
+    """Runs of one setting pooled over seeds: ``seeds``; AP / AP50 / AP75 mean and sd over seeds
+    (:func:`harmonic.experiments.report.summarize`: ddof=1, None for one seed); ``minutes`` a run (min,
+    max); ``pos_iou`` mean (None where a run lacks it); the matched detections above 0.5 and in all
+    (summed); the ``watch_<key>`` means where every run has them."""
     import statistics
+
+    from harmonic.experiments.report import summarize
 
     runs = sorted(runs, key=lambda r: r["seed"])
     entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
-    for metric in ("AP", "AP50", "AP75"):
-        values = [r[metric] for r in runs]
-        entry[metric] = round(statistics.fmean(values), 2)
-        entry[f"{metric}_sd"] = round(statistics.stdev(values), 2) if len(values) > 1 else None
+    (summary,) = summarize([_as_run(r, "pooled") for r in runs], metrics=("AP", "AP50", "AP75")).values()
+    for metric, stats_ in summary.items():
+        entry[metric] = round(stats_["mean"], 2)
+        entry[f"{metric}_sd"] = None if stats_["std"] is None else round(stats_["std"], 2)
     entry["minutes"] = [round(min(r["train_minutes"] for r in runs), 2), round(max(r["train_minutes"] for r in runs), 2)]
     ious = [r.get("pos_iou") for r in runs]
     entry["pos_iou"] = None if None in ious else round(statistics.fmean(ious), 4)
@@ -265,71 +337,65 @@ def _pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def frontier_groups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records grouped by :func:`setting_of` (seeds pooled, :func:`_pool`), each with its ``runs``' names.
     Sorted by data, backbone, loss, image size, length, lr."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
-        groups.setdefault(json.dumps(setting_of(record), sort_keys=True), []).append(record)
-    out = [{**json.loads(key), **_pool(runs), "runs": sorted(r["name"] for r in runs)} for key, runs in groups.items()]
+    out = [{**json.loads(key), **_pool(list(seeds.values())), "runs": sorted(r["name"] for r in seeds.values())}
+           for key, seeds in _by_setting(records).items()]
     return sorted(out, key=lambda g: (g["data"], g["backbone"], g["loss"], g["px"] or 0, g["iters"], g["lr"], g["other"]))
 
 
 def paired_loss_contrasts(records: list[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
-    """Every loss against the baseline run of the same setting and seed: the paired AP difference, its
-    t-interval and the minimum detectable effect at that number of pairs (power 0.8), where there are at
-    least two pairs (:func:`harmonic.experiments.report.minimum_detectable_effect`)."""
-    import math
-    import statistics
+    """Every loss against the baseline of the same setting (all but the loss), paired by seed: the mean AP
+    difference, its t-interval, the sd of the differences and the minimum detectable effect at that number
+    of pairs (power 0.8), where there are at least two pairs
+    (:func:`harmonic.experiments.report.paired_differences`)."""
+    from harmonic.experiments.report import paired_differences
 
-    from scipy import stats
-
-    from harmonic.experiments.report import minimum_detectable_effect
-
-    by_setting: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
-    for record in records:
-        setting = setting_of(record)
+    by_rest: dict[str, list] = {}
+    for key, seeds in _by_setting(records).items():
+        setting = json.loads(key)
         loss = setting.pop("loss")
-        by_setting.setdefault(json.dumps(setting, sort_keys=True), {}).setdefault(loss, {})[record["seed"]] = record
+        by_rest.setdefault(json.dumps(setting, sort_keys=True), []).extend(_as_run(r, loss) for r in seeds.values())
     out = []
-    for key, losses in sorted(by_setting.items()):
-        base = losses.get("baseline", {})
-        for loss, runs in sorted(losses.items()):
-            seeds = sorted(set(runs) & set(base)) if loss != "baseline" else []
-            if len(seeds) < 2:
+    for key, runs in sorted(by_rest.items()):
+        base_seeds = {run.seed for run in runs if run.variant == "baseline"}
+        for loss, entry in paired_differences(runs, metrics=("AP",), confidence=confidence).items():
+            if entry["AP"]["n"] < 2:
                 continue
-            diffs = [runs[s]["AP"] - base[s]["AP"] for s in seeds]
-            mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-            half = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
-            out.append({**json.loads(key), "loss": loss, "seeds": seeds, "diff": round(mean, 2),
-                        "low": round(mean - half, 2), "high": round(mean + half, 2), "sd": round(sd, 2),
-                        "mde": round(minimum_detectable_effect(sd, len(diffs), confidence=confidence), 2)})
+            seeds = sorted({run.seed for run in runs if run.variant == loss} & base_seeds)
+            out.append({**json.loads(key), "loss": loss, "seeds": seeds,
+                        **{field: round(entry["AP"][name], 2) for field, name in
+                           (("diff", "mean"), ("low", "low"), ("high", "high"), ("sd", "sd"), ("mde", "mde"))}})
     return out
 
 
 def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "default",
                  pos_iou: Path = POS_IOU) -> list[dict[str, Any]]:
-    """The committed runs of a sweep of the default study (``<runs_dir>/<sweep>-<variant>-s<seed>``) as
-    :func:`frontier_groups` entries, one per variant (the shapes-study setting). Minutes are the logged
-    iteration times summed; the positives' IoU on the validation images comes from ``pos_iou``
-    (:func:`run_pos_iou`; None where a run has not been measured)."""
+    """The committed runs of a sweep (``report.load_runs``: variant and seed from each run.json) as
+    :func:`frontier_groups` entries, one per variant; data, backbone, image size, length and lr from each
+    run's config.json. Minutes are the logged iteration times summed; the positives' IoU on the validation
+    images comes from ``pos_iou`` (:func:`run_pos_iou`; None where a run has not been measured)."""
+    from harmonic.experiments.report import load_runs
     from harmonic.utils.runlog import read_log
 
-    measured = json.loads(pos_iou.read_text()) if pos_iou.is_file() else {}
-
-    by_variant: dict[str, list[dict[str, Any]]] = {}
-    for metrics_path in sorted(runs_dir.glob(f"{sweep}-*-s*/metrics.json")):
-        run_dir = metrics_path.parent
-        variant, seed = run_dir.name[len(sweep) + 1:].rsplit("-s", 1)
-        coco = json.loads(metrics_path.read_text())["coco"]
-        scores = json.loads((run_dir / "score_iou.json").read_text())["scores"]
-        log = read_log(run_dir)
-        by_variant.setdefault(variant, []).append({
-            "seed": int(seed), "iters": log[-1]["iter"], "AP": 100 * coco["AP"], "AP50": 100 * coco["AP50"],
-            "AP75": 100 * coco["AP75"], "train_minutes": sum(r["time"] for r in log) / 60,
-            "pos_iou": measured.get(run_dir.name, {}).get("pos_iou"),
+    measured = _read_table(pos_iou)
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for run in load_runs(runs_dir, sweep=sweep):
+        config = json.loads((run.folder / "config.json").read_text())["config"]
+        detector = config["detector"]
+        if any(run.metrics.get(m) is None for m in ("AP", "AP50", "AP75")):
+            raise ValueError(f"{run.folder / 'metrics.json'}: no COCO AP, AP50 and AP75")
+        scores = json.loads((run.folder / "score_iou.json").read_text())["scores"]
+        log = read_log(run.folder)
+        setting = {"data": PRESET_DATA.get(config["dataset"], config["dataset"]),
+                   "backbone": portable_backbone(detector.get("pretrained_backbone")) or "scratch",
+                   "loss": f"{run.variant} (`make sweep SWEEP={sweep}`)", "px": detector.get("min_size"),
+                   "iters": config["max_iters"], "lr": config["lr"], "other": ""}
+        by_setting.setdefault(json.dumps(setting, sort_keys=True), []).append({
+            "name": run.name, "seed": run.seed, **{m: 100 * run.metrics[m] for m in ("AP", "AP50", "AP75")},
+            "train_minutes": sum(r["time"] for r in log) / 60,
+            "pos_iou": measured.get(run.name, {}).get("pos_iou"),
             "n_matched_above_05": sum(x > 0.5 for x in scores), "n_matched": len(scores), **watch_tail(log)})
-    return [{"data": "D3", "backbone": "shapes", "loss": f"{variant} (`make sweep SWEEP={sweep}`)", "px": 160,
-             "iters": runs[0]["iters"], "lr": 0.02, "other": "", **_pool(runs),
-             "runs": sorted(f"{sweep}-{variant}-s{r['seed']}" for r in runs)}
-            for variant, runs in sorted(by_variant.items())]
+    return [{**json.loads(key), **_pool(runs), "runs": sorted(r["name"] for r in runs)}
+            for key, runs in sorted(by_setting.items())]
 
 
 def _fmt_sd(mean: float, sd: float | None) -> str:
@@ -355,7 +421,9 @@ def markdown_frontier(groups: list[dict[str, Any]], contrasts: list[dict[str, An
         lines += ["", "| setting | loss against the baseline, paired by seed | pairs | AP difference [95% interval] | "
                   "sd of the differences | minimum detectable effect (power 0.8) |", "|---|---|---|---|---|---|"]
         for c in contrasts:
-            lines.append(f"| {c['data']}, {c['backbone']} backbone, {c['px']} px, {c['iters']} iterations | {c['loss']} | "
+            other = f", {c['other']}" if c["other"] else ""
+            lines.append(f"| {c['data']}, {c['backbone']} backbone, {c['px']} px, lr {c['lr']}, {c['iters']} iterations"
+                         f"{other} | {c['loss']} | "
                          f"{len(c['seeds'])} | {c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] | {c['sd']:.2f} | "
                          f"{c['mde']:.2f} |")
     return "\n".join(lines)
@@ -406,15 +474,18 @@ def frontier(doc: Path | None = DOC, *, records_dir: Path = RECORDS,
     (``frontier.png``) and rewrite the frontier block of ``doc`` (docs/testbed.md) from them. Returns ``out``."""
     from harmonic.utils.files import atomic_write_json, atomic_write_text
 
-    records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
+    from harmonic.utils.figures import save_figure
+
+    records = load_records(records_dir)
     groups, contrasts = frontier_groups(records) + study_groups(runs_dir), paired_loss_contrasts(records)
     text = doc.read_text() if doc is not None else None
     if text is not None and (BEGIN not in text or END not in text):
         raise ValueError(f"{doc}: no {BEGIN} ... {END} block to write the frontier into")
+    figure = plot_frontier(groups)  # everything computed before the first write: no file left out of step
     atomic_write_json(out, {"note": "every test-bed run [D]: 1 torch thread, bf16, channels_last, 2-core CPU shared "
                                     "with one other run", "runs": records, "groups": groups,
                             "paired_loss_contrasts": contrasts})
-    plot_frontier(groups, out.with_suffix(".png"))
+    save_figure(figure, out.with_suffix(".png"), dpi=100)
     if text is not None:
         head, rest = text.split(BEGIN, 1)
         atomic_write_text(doc, head + BEGIN + "\n" + markdown_frontier(groups, contrasts) + "\n" + END
@@ -434,8 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--lr", type=float, default=0.02)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--preset", default="shapes-cpu", choices=("shapes-cpu", "shapes-study"),
-                   help="the training preset the overrides apply to (shapes-study: the default study's, its data "
-                        "unless --data is given)")
+                   help="the training preset the overrides apply to (shapes-study: the default study's, with its "
+                        "own data unless --data is given, which overrides the `shapes` generator as for shapes-cpu)")
     sub.add_parser("frontier", help="collect the records into results/testbed/frontier.json and docs/testbed.md")
     q = sub.add_parser("pos-iou", help="measure the positives' IoU of committed run folders (results/testbed/pos_iou.json)")
     q.add_argument("run_dirs", nargs="+", type=Path)

@@ -40,7 +40,7 @@ def run_record(run_dir: Path, tail: float) -> dict[str, Any]:
     """One run: its variant and seed (run.json), AP and AP75 (metrics.json, percent) and the mean of each
     :data:`KEYS` entry over the last ``tail`` of the log's records that carry it (None where none do)."""
     from harmonic.experiments.report import load_run
-    from harmonic.utils.runlog import find_log, read_log
+    from harmonic.utils.runlog import find_log, read_log, tail_means
 
     run = load_run(run_dir)
     if run is None:
@@ -50,10 +50,7 @@ def run_record(run_dir: Path, tail: float) -> dict[str, Any]:
     out.update({metric: None if run.metrics[metric] is None else 100 * run.metrics[metric] for metric in METRICS})
     # a baseline logs the watch statistics of the factors it would have had, not of the loss it trained with
     out["counterfactual"] = any(bool(r.get("watch/counterfactual")) for r in records)
-    for key in KEYS:
-        values = [float(r[key]) for r in records if r.get(key) is not None]
-        last = values[-max(1, round(tail * len(values))):] if values else []
-        out[key] = sum(last) / len(last) if last else None
+    out.update(tail_means(records, KEYS, tail))
     return out
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from harmonic.utils.files import atomic_write_bytes
 
-__all__ = ["LOG_NAME", "PACKED_LOG_NAME", "SIGNIFICANT_DIGITS", "find_log", "pack_log", "read_log", "unpack_log"]
+__all__ = ["LOG_NAME", "PACKED_LOG_NAME", "SIGNIFICANT_DIGITS", "find_log", "pack_log", "read_log", "tail_means",
+           "unpack_log"]
 
 #: a run's log while it trains, and the compressed form a finished run keeps (see :func:`pack_log`)
 LOG_NAME = "log.jsonl"
@@ -82,3 +83,17 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
                 if handle.readline():  # only the last line may be cut short (a crash mid-write)
                     raise ValueError(f"{path}: line {number} is not JSON") from None
     return records
+
+
+def tail_means(records: list[dict[str, Any]], keys, tail: float) -> dict[str, float | None]:
+    """Per key of ``keys``: the mean of its values over the last ``tail`` (a fraction, at least one
+    record) of the ``records`` that carry it (not None), None where none do. How the tools summarise the
+    end of a run's log."""
+    if not 0 < tail <= 1:
+        raise ValueError(f"tail must be a fraction in (0, 1], got {tail!r}")
+    out: dict[str, float | None] = {}
+    for key in keys:
+        values = [float(r[key]) for r in records if r.get(key) is not None]
+        last = values[-max(1, round(tail * len(values))):] if values else []
+        out[key] = sum(last) / len(last) if last else None
+    return out

@@ -52,7 +52,7 @@ def test_results_record_a_weights_file_without_this_machines_path():
 def _record(name, seed, ap, *, iters=2400, loss=None, preset=None, **extra):
     record = {"name": name, "seed": seed, "AP": ap, "AP50": 2 * ap, "AP75": ap / 2, "iters": iters, "lr": 0.02,
               "min_size": 160, "train_minutes": 5.0 + seed, "pos_iou": 0.7, "n_matched": 100,
-              "n_matched_above_05": seed, "train": {"checkpoint_every": 400}, **extra}
+              "n_matched_above_05": seed, "train": {"checkpoint_every": 400}, "pretrained_backbone": "shapes", **extra}
     if preset:
         record.update(preset=preset, data={}, detector={"loss": loss, "hiou": True} if loss else {})
     else:
@@ -151,6 +151,10 @@ def test_study_groups_read_committed_runs_and_their_measured_iou(tmp_path):
     for seed, ap in ((0, 0.10), (1, 0.12)):
         run_dir = runs_dir / f"default-baseline-s{seed}"
         run_dir.mkdir(parents=True)
+        (run_dir / "run.json").write_text(json.dumps({"variant": "baseline", "seed": seed, "sweep": "default"}))
+        (run_dir / "config.json").write_text(json.dumps({"config": {
+            "dataset": "shapes-study", "max_iters": 200, "lr": 0.02,
+            "detector": {"min_size": 160, "pretrained_backbone": "shapes"}}}))
         (run_dir / "metrics.json").write_text(json.dumps({"coco": {"AP": ap, "AP50": 0.2, "AP75": 0.05}}))
         (run_dir / "score_iou.json").write_text(json.dumps({"scores": [0.9, 0.4, 0.6]}))
         log = [{"iter": i, "time": 0.6, "watch/reversed_share": 0.5} for i in range(1, 201)]
@@ -159,7 +163,71 @@ def test_study_groups_read_committed_runs_and_their_measured_iou(tmp_path):
     pos_iou.write_text(json.dumps({"default-baseline-s0": {"pos_iou": 0.7}, "default-baseline-s1": {"pos_iou": 0.8}}))
     (group,) = testbed.study_groups(runs_dir, pos_iou=pos_iou)
     assert group["loss"].startswith("baseline (") and group["iters"] == 200 and group["seeds"] == [0, 1]
+    assert (group["data"], group["backbone"], group["px"], group["lr"]) == ("D3", "shapes", 160, 0.02)
     assert group["AP"] == 11.0 and group["AP_sd"] == pytest.approx(1.41, abs=0.01)
     assert group["minutes"] == [2.0, 2.0] and group["matched_above_05"] == 4 and group["matched"] == 6
     assert group["pos_iou"] == 0.75 and group["watch_reversed_share"] == 0.5
     assert testbed.study_groups(runs_dir, pos_iou=tmp_path / "absent.json")[0]["pos_iou"] is None
+
+
+def test_setting_names_the_loss_as_the_sweeps_do_and_keeps_the_trained_backbone():
+    detached = _record("d", 0, 1.0, preset="shapes-study", loss="harmonic")
+    detached["detector"]["detach_factors"] = True
+    assert testbed.setting_of(detached)["loss"] == "harmonic_hiou_detached" and testbed.setting_of(detached)["other"] == ""
+    odd = _record("o", 0, 1.0, preset="shapes-study")
+    odd["detector"] = {"loss": "harmonic", "hiou": True, "hiou_weight": 0.7, "fpn_channels": 32}
+    setting = testbed.setting_of(odd)  # no sweep variant has alpha 0.7: named by its options; the rest stays apart
+    assert json.loads(setting["loss"]) == {"loss": "harmonic", "hiou": True, "hiou_weight": 0.7}
+    assert json.loads(setting["other"]) == {"fpn_channels": 32}
+    overridden = _record("p", 0, 1.0, preset="shapes-study")
+    overridden["data"] = {"max_objects": 2}  # --preset shapes-study --data ...: still the shapes backbone
+    assert testbed.setting_of(overridden)["backbone"] == "shapes"
+    assert testbed.setting_of(overridden)["data"] == json.dumps({"max_objects": 2})
+
+
+def test_a_detached_run_pairs_with_the_baseline_of_its_setting():
+    base = [_record(f"b{s}", s, 10.0 + s, preset="shapes-study") for s in (0, 1)]
+    detached = [_record(f"d{s}", s, 5.0 + 2 * s, preset="shapes-study", loss="harmonic") for s in (0, 1)]
+    for record in detached:
+        record["detector"]["detach_factors"] = True
+    (contrast,) = testbed.paired_loss_contrasts(base + detached)
+    assert contrast["loss"] == "harmonic_hiou_detached" and contrast["diff"] == -4.5 and contrast["seeds"] == [0, 1]
+
+
+def test_the_same_setting_and_seed_twice_is_refused_by_name():
+    twice = [_record("first", 0, 10.0), _record("again", 0, 11.0)]
+    with pytest.raises(ValueError, match="'first' and 'again'"):
+        testbed.frontier_groups(twice)
+    with pytest.raises(ValueError, match="'first' and 'again'"):
+        testbed.paired_loss_contrasts(twice)
+
+
+def test_a_broken_record_is_named_and_frontier_writes_nothing(tmp_path):
+    records_dir = tmp_path / "runs"
+    records_dir.mkdir()
+    good = _record("x-s0", 0, 10.0)
+    (records_dir / "x-s0.json").write_text(json.dumps(good))
+    (records_dir / "y-s0.json").write_text(json.dumps({k: v for k, v in good.items() if k != "train_minutes"}))
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"{testbed.BEGIN}\nstale\n{testbed.END}\n")
+    with pytest.raises(ValueError, match=r"y-s0.json: record without the field\(s\) \['train_minutes'\]"):
+        testbed.frontier(doc, records_dir=records_dir, out=tmp_path / "frontier.json", runs_dir=tmp_path / "none")
+    (records_dir / "y-s0.json").write_text("{not json")
+    with pytest.raises(ValueError, match="y-s0.json: not a JSON record"):
+        testbed.frontier(doc, records_dir=records_dir, out=tmp_path / "frontier.json", runs_dir=tmp_path / "none")
+    assert "stale" in doc.read_text() and not (tmp_path / "frontier.json").exists()
+
+
+def test_rewatch_replaces_the_watch_fields_from_the_log(tmp_path):
+    records_dir, runs_dir = tmp_path / "records", tmp_path / "runs"
+    records_dir.mkdir()
+    (runs_dir / "r").mkdir(parents=True)
+    (records_dir / "r.json").write_text(json.dumps(_record("r", 0, 10.0, watch_score_p90=0.9)))
+    log = [{"iter": i, "watch/reversed_share": 0.25} for i in range(1, 11)]
+    (runs_dir / "r" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    record = testbed.rewatch("r", records_dir, runs_dir)
+    assert record["watch_reversed_share"] == 0.25 and "watch_score_p90" not in record  # stale field gone
+    assert json.loads((records_dir / "r.json").read_text()) == record
+    (runs_dir / "r" / "log.jsonl").write_text(json.dumps({"iter": 1, "loss": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="no watch statistics"):
+        testbed.rewatch("r", records_dir, runs_dir)

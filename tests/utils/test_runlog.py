@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harmonic.utils.runlog import find_log, pack_log, read_log, unpack_log
+from harmonic.utils.runlog import find_log, pack_log, read_log, tail_means, unpack_log
 
 
 def test_pack_and_unpack_round_trip(tmp_path):
@@ -43,3 +43,13 @@ def test_a_cut_last_line_is_skipped_but_a_broken_middle_line_is_an_error(tmp_pat
     path.write_text('{"iter": 1}\n{"iter"\n{"iter": 3}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         read_log(path)
+
+
+def test_tail_means_average_the_last_share_of_the_records_that_carry_each_key():
+    records = [{"a": float(i), "b": None if i < 18 else 1.0} for i in range(20)] + [{"c": 3}]
+    means = tail_means(records, ["a", "b", "c", "d"], 0.1)
+    assert means["a"] == 18.5  # the last 2 of 20 values
+    assert means["b"] == 1.0  # 2 records carry it: its last one (at least one record)
+    assert means["c"] == 3.0 and means["d"] is None
+    with pytest.raises(ValueError, match="tail"):
+        tail_means(records, ["a"], 0.0)
