@@ -408,15 +408,17 @@ def markdown_frontier(groups: list[dict[str, Any]], contrasts: list[dict[str, An
     :func:`study_groups`' rows), then the paired loss contrasts."""
     rows = _frontier_rows(groups)
     lines = ["| loss | iterations | seeds | minutes a run | AP (mean ± sd over seeds) | AP50 | AP75 | positives' IoU "
-             "(validation) | matched detections above 0.5 | share with dF/dx < 0 (last 10%) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(validation) | matched detections above 0.5 | share with y > 1.2785 (last 10%) | share with dF/dx < 0 "
+             "(last 10%) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in rows:
-        reversed_ = "" if g.get("watch_reversed_share") is None else f"{g['watch_reversed_share']:.3f}"
+        y_share, reversed_ = ("" if g.get(f"watch_{key}") is None else f"{g[f'watch_{key}']:.3f}"
+                              for key in ("y_over_threshold_share", "reversed_share"))
         pos_iou = "not measured" if g["pos_iou"] is None else f"{g['pos_iou']:.3f}"
         lines.append(
             f"| {g['loss']} | {g['iters']} | {len(g['seeds'])} | {g['minutes'][0]:.1f}-{g['minutes'][1]:.1f} | "
             f"{_fmt_sd(g['AP'], g['AP_sd'])} | {g['AP50']:.1f} | {g['AP75']:.1f} | {pos_iou} | "
-            f"{g['matched_above_05']} of {g['matched']} | {reversed_} |")
+            f"{g['matched_above_05']} of {g['matched']} | {y_share} | {reversed_} |")
     if contrasts:
         lines += ["", "| setting | loss against the baseline, paired by seed | pairs | AP difference [95% interval] | "
                   "sd of the differences | minimum detectable effect (power 0.8) |", "|---|---|---|---|---|---|"]
