@@ -144,3 +144,16 @@ def test_detectors_sweep_gives_every_architecture_a_valid_detector():
     assert archs == {"retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssd", "refinedet"}
     refinedet = dict(SWEEPS["detectors"].runs())["detectors-refinedet-baseline-s0"]
     assert refinedet["detector_overrides"] == {"anchor_sizes": [[16], [32], [64], [128]]}
+
+
+def test_long_sweep_is_the_default_study_at_twice_the_length():
+    from harmonic.engine.config import PRESETS
+
+    long, default = SWEEPS["long"], SWEEPS["default"]
+    assert long.variants == default.variants and long.seeds == default.seeds
+    overrides = long.parameters["train_overrides"]
+    study = PRESETS[long.parameters["preset"]]
+    assert overrides["max_iters"] == 2 * study["max_iters"]
+    assert overrides["lr_steps"] == [2 * step for step in study["lr_steps"]]  # the decays at the same fractions
+    names = {name for name, _ in long.runs()}
+    assert not names & {name for name, _ in default.runs()}  # its own runs, never mixed with the default's
