@@ -231,3 +231,44 @@ def test_rewatch_replaces_the_watch_fields_from_the_log(tmp_path):
     (runs_dir / "r" / "log.jsonl").write_text(json.dumps({"iter": 1, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match="no watch statistics"):
         testbed.rewatch("r", records_dir, runs_dir)
+
+
+@pytest.mark.parametrize("preset", ["shapes-cpu", "shapes-study"])
+def test_run_keeps_the_study_presets_own_data_and_records_the_preset(tmp_path, monkeypatch, preset):
+    import importlib
+
+    import harmonic.data
+
+    # the modules themselves (harmonic.engine re-exports functions of the same names)
+    checkpoints, predict, training = (importlib.import_module(f"harmonic.engine.{name}")
+                                      for name in ("checkpoints", "predict", "training"))
+    monkeypatch.setattr(testbed, "ROOT", tmp_path)
+    monkeypatch.setattr(testbed, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(testbed, "dataset_folder", lambda data: tmp_path / "generated")
+    seen = {}
+
+    def fake_train(cfg, progress):
+        seen["cfg"] = cfg
+        run_dir = Path(cfg.output_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / "score_iou.json").write_text(json.dumps({"scores": [0.7, 0.2]}))
+        log = [{"iter": i, "loss": 1.0, "time": 0.1, "watch/reversed_share": 0.5} for i in range(1, 11)]
+        (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(predict, "evaluate", lambda *a, **k: {
+        "coco": {"AP": 0.2, "AP50": 0.4, "AP75": 0.1}, "consistency": {"n_objects": 3, "spearman": 0.5}})
+    monkeypatch.setattr(checkpoints, "load_model", lambda path: ("model", None))
+    monkeypatch.setattr(harmonic.data, "build_dataset", lambda name, split, train: seen.setdefault("val", name))
+    monkeypatch.setattr(testbed, "positive_iou", lambda model, data: {"pos_iou": 0.75, "num_positives": 9})
+    record = testbed.run("r", {}, {"loss": "harmonic", "hiou": True}, {}, 100, 0.02, 1, preset)
+    cfg = seen["cfg"]
+    if preset == "shapes-study":  # its own data set, and the record says which preset
+        assert cfg.dataset == "shapes-study" and seen["val"] == "shapes-study" and record["preset"] == "shapes-study"
+        assert cfg.detector["pretrained_backbone"] == "shapes"
+    else:  # the shapes generator's data with the overrides, as the first lever runs; no preset field
+        assert cfg.dataset == str(tmp_path / "generated") == seen["val"] and "preset" not in record
+    assert cfg.detector["loss"] == "harmonic" and cfg.max_iters == 100 and cfg.seed == 1
+    assert record["AP"] == 20.0 and record["n_matched_above_05"] == 1 and record["watch_reversed_share"] == 0.5
+    assert json.loads((tmp_path / "records" / "r.json").read_text()) == record
+    assert testbed.load_record(tmp_path / "records" / "r.json") == record  # every required field is there
