@@ -445,8 +445,17 @@ def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: i
     from harmonic.utils.figures import caption, finish, new_figure
 
     series: dict[str, list[dict[str, Any]]] = {}
-    for g in _frontier_rows(groups):
-        series.setdefault(g["loss"], []).append(g)
+    rows = _frontier_rows(groups)
+    for g in rows:  # the test bed's runs first; a committed study's variant ("name (`make sweep ...`)") then
+        if " (" not in g["loss"]:  # joins the line of its loss where that line has no point at its length
+            series.setdefault(g["loss"], []).append(g)
+    for g in rows:
+        if " (" in g["loss"]:
+            base = g["loss"].split(" (", 1)[0]
+            joins = base in series and all(other["iters"] != g["iters"] for other in series[base])
+            series.setdefault(base if joins else g["loss"], []).append(g)
+    for line in series.values():
+        line.sort(key=lambda g: g["iters"])
     fig = new_figure((6.4, 4.4))
     ax = fig.add_subplot()
     for label, rows in series.items():

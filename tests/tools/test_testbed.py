@@ -272,3 +272,17 @@ def test_run_keeps_the_study_presets_own_data_and_records_the_preset(tmp_path, m
     assert record["AP"] == 20.0 and record["n_matched_above_05"] == 1 and record["watch_reversed_share"] == 0.5
     assert json.loads((tmp_path / "records" / "r.json").read_text()) == record
     assert testbed.load_record(tmp_path / "records" / "r.json") == record  # every required field is there
+
+
+def test_frontier_figure_joins_a_study_variant_to_its_losss_line_where_that_length_is_free():
+    def group(loss, iters, pos_iou=0.7):
+        return {"data": "D3", "backbone": "shapes", "px": 160, "lr": 0.02, "other": "", "loss": loss,
+                "iters": iters, "AP": 5.0, "AP_sd": 0.5, "seeds": [0, 1], "pos_iou": pos_iou}
+
+    groups = [group("baseline", 2400), group("harmonic_hiou", 4800),
+              group("harmonic_hiou (`make sweep SWEEP=default`)", 2400),  # joins: the line has no 2400 point
+              group("baseline (`make sweep SWEEP=default`)", 2400)]  # stays apart: the line has one there
+    fig = testbed.plot_frontier(groups)
+    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["baseline, seeds: 2", "harmonic_hiou, seeds: 2, 2",
+                      "baseline (make sweep SWEEP=default), seeds: 2"]
