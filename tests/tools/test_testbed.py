@@ -286,3 +286,13 @@ def test_frontier_figure_joins_a_study_variant_to_its_losss_line_where_that_leng
     labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
     assert labels == ["baseline, seeds: 2", "harmonic_hiou, seeds: 2, 2",
                       "baseline (make sweep SWEEP=default), seeds: 2"]
+
+
+def test_the_d3_name_is_the_study_presets_data():
+    import dataclasses
+
+    from harmonic.data.shapes import PRESETS
+
+    shapes, study = (dataclasses.asdict(PRESETS[name]) for name in ("shapes", "shapes-study"))
+    overrides = {key: value for key, value in study.items() if shapes[key] != value}
+    assert testbed.DATA_NAMES[json.dumps(overrides, sort_keys=True)] == "D3" == testbed.PRESET_DATA["shapes-study"]
