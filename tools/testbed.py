@@ -483,9 +483,8 @@ def frontier(doc: Path | None = DOC, *, records_dir: Path = RECORDS,
     """Collect the records of ``records_dir`` into ``out`` (runs, groups, paired loss contrasts), with the
     default study's committed runs of ``runs_dir`` as groups too; draw :func:`plot_frontier` beside ``out``
     (``frontier.png``) and rewrite the frontier block of ``doc`` (docs/testbed.md) from them. Returns ``out``."""
-    from harmonic.utils.files import atomic_write_json, atomic_write_text
-
     from harmonic.utils.figures import save_figure
+    from harmonic.utils.files import atomic_write_json, atomic_write_text
 
     records = load_records(records_dir)
     groups, contrasts = frontier_groups(records) + study_groups(runs_dir), paired_loss_contrasts(records)

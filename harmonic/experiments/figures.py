@@ -351,12 +351,14 @@ def _detached(run_dir: Path) -> bool:
 
 
 def convergence_figures(
-    runs: dict[str, str], *, results_dir: str | Path = "results", smooth: int = 20, dpi: int = 120
+    runs: dict[str, str], *, results_dir: str | Path = "results", smooth: int = 20, dpi: int = 120,
+    output_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The supplement's Fig. 3 from the logs of ``runs`` (label -> run folder name under results/runs),
-    and, where the runs logged them, the watch figures: :func:`plot_watch_shares`
+    """The supplement's Fig. 3 from the logs of ``runs`` (label -> run folder name under
+    ``results_dir/runs``), and, where the runs logged them, the watch figures: :func:`plot_watch_shares`
     (``watch_shares.png``) and :func:`plot_watch_histograms` (``watch_histograms.png``, from each run's
-    ``watch_samples.json``).
+    ``watch_samples.json``). The figures go to ``output_dir/figures`` (default: ``results_dir``), so a
+    second set of runs under the same ``results_dir`` can keep its figures apart.
 
     Returns ``{"figures": [paths], "summary_markdown", "watch_markdown" (first and last window means of
     the watch shares; "" without watch statistics), "logs", "samples"}``.
@@ -364,6 +366,7 @@ def convergence_figures(
     from harmonic.engine.watch import read_samples  # engine pulls in torch and torchvision
 
     results_dir = Path(results_dir)
+    figures_dir = (results_dir if output_dir is None else Path(output_dir)) / "figures"
     logs, samples = {}, {}
     for label, name in runs.items():
         path = find_log(results_dir / "runs" / name)
@@ -374,12 +377,12 @@ def convergence_figures(
         if samples[label] and _detached(path.parent):
             samples[label] = {**samples[label], "detached": True}
     fig = plot_training_curves(logs, smooth=smooth)
-    figures = [save_figure(fig, results_dir / "figures" / "fig3_training_loss.png", dpi=dpi)]
+    figures = [save_figure(fig, figures_dir / "fig3_training_loss.png", dpi=dpi)]
     if any("watch/reversed_share" in r for records in logs.values() for r in records):
-        figures.append(save_figure(plot_watch_shares(logs, smooth=smooth), results_dir / "figures" / "watch_shares.png", dpi=dpi))
+        figures.append(save_figure(plot_watch_shares(logs, smooth=smooth), figures_dir / "watch_shares.png", dpi=dpi))
     labelled = {_watch_label(label, logs[label]): data for label, data in samples.items()}
     if any(data and data.get("snapshots") for data in labelled.values()):
-        figures.append(save_figure(plot_watch_histograms(labelled), results_dir / "figures" / "watch_histograms.png", dpi=dpi))
+        figures.append(save_figure(plot_watch_histograms(labelled), figures_dir / "watch_histograms.png", dpi=dpi))
     rows = []
     for label, records in logs.items():
         window = max(1, min(smooth, len(records) // 4))

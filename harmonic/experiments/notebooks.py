@@ -11,7 +11,9 @@ A *profile* is a table ``notebook stem -> [(output name, parameters), ...]``: ea
 ``notebooks/<stem>.ipynb`` with those parameters into ``<results dir>/<output name>.ipynb``, in table
 order. ``default`` is the full reproduction, ``smoke`` the same notebooks with tiny parameters (what the
 tests run); it writes under ``results/smoke`` unless ``--results-dir`` says otherwise, so it never
-overwrites the real results. To add a notebook, add one line to each profile.
+overwrites the real results. ``long`` is the default study at twice the length: its runs go beside the
+default's (``results/runs``), its other notebooks, figures, report and timing to ``results/long``
+(``OUTPUT_SUBDIRS``, passed as ``output_dir``). To add a notebook, add one line to each profile.
 
 Notebooks run with ``kernel_name="python3"`` and the repository root as working directory. The parameters
 ``results_dir``, ``coco_root`` and ``voc_root`` (from ``--results-dir`` / ``--coco-root`` / ``--voc-root``)
@@ -83,6 +85,13 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
         "04_convergence": [("04_convergence", _convergence("coco"))],
         "05_results": [("05_results", {"sweeps": ["coco"]})],
     },
+    # the default study at twice the length (about 80 minutes on the 2-core CPU, outside the default's budget):
+    # its runs beside the default's under results_dir/runs, the rest in results_dir/long (OUTPUT_SUBDIRS)
+    "long": {
+        "03_train_eval": _training_entries("long"),
+        "04_convergence": [("04_convergence", _convergence("long"))],
+        "05_results": [("05_results", {"sweeps": ["long"]})],
+    },
     # VOC07+12 trainval -> VOC07 test (make reproduce PROFILE=voc VOC_ROOT=VOCdevkit)
     "voc": {
         "03_train_eval": _training_entries("voc"),
@@ -90,7 +99,12 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
         "05_results": [("05_results", {"sweeps": ["voc"]})],
     },
 }
-DEFAULT_RESULTS_DIRS = {"default": "results", "quick": "results/quick", "smoke": "results/smoke", "coco": "results/coco", "voc": "results/voc"}
+DEFAULT_RESULTS_DIRS = {"default": "results", "quick": "results/quick", "smoke": "results/smoke", "coco": "results/coco", "voc": "results/voc",
+                        "long": "results"}
+# Profiles whose training runs sit beside the default's (results_dir/runs, so they pair with the sweeps run
+# there) while their other executed notebooks, figures, report and timing go to results_dir/<subdir>: the
+# notebooks that declare ``output_dir`` get that folder, so the default's report and figures stay as they are.
+OUTPUT_SUBDIRS = {"long": "long"}
 # Parameters filled from the command line, for the notebooks that declare them.
 COMMAND_LINE_PARAMETERS = ("results_dir", "coco_root", "voc_root")
 # Profiles that cannot run without a dataset given on the command line: profile -> parameter
@@ -313,6 +327,9 @@ def reproduce(
         print(f"[reproduce] missing notebook(s) {missing} in {NOTEBOOKS_DIR}; nothing was run", file=sys.stderr)
         return 2
     extra = {"results_dir": _parameter_path(results_dir)}
+    output_dir = results_dir / OUTPUT_SUBDIRS[profile] if profile in OUTPUT_SUBDIRS else results_dir
+    if output_dir != results_dir:
+        extra["output_dir"] = _parameter_path(output_dir)
     for key, value in given.items():
         if value is not None:
             extra[key] = _parameter_path(value)
@@ -327,7 +344,7 @@ def reproduce(
             # several runs share the CPU: one thread each is faster than oversubscribed threads
             threads = max(1, (os.cpu_count() or 1) // jobs)
             params["train_overrides"] = {"num_threads": threads, **params.get("train_overrides", {})}
-        output = results_dir / f"{name}.ipynb"
+        output = (results_dir if stem in PARALLEL_STEMS else output_dir) / f"{name}.ipynb"
         print(f"[reproduce] ({index}/{len(runs)}) {stem} -> {output}", flush=True)
         try:
             run_notebook(stem, params, output, progress_bar=progress_bar and jobs == 1)
@@ -361,12 +378,12 @@ def reproduce(
         if started_at is not None:
             timing["total_wall_minutes"] = round((time.time() - started_at) / 60.0, 2)
         timing["provenance"] = provenance({"profile": profile, "jobs": jobs})
-        atomic_write_json(results_dir / "reproduce_timing.json", timing)
-    print(f"[reproduce] done: {len(runs)} notebook(s) in {results_dir} in {elapsed / 60.0:.1f} min")
+        atomic_write_json(output_dir / "reproduce_timing.json", timing)
+    print(f"[reproduce] done: {len(runs)} notebook(s) in {output_dir} in {elapsed / 60.0:.1f} min")
     return 0
 
 
-PARALLEL_STEMS = frozenset({"03_train_eval"})
+PARALLEL_STEMS = frozenset({"03_train_eval"})  # the training runs: executed into results_dir/runs/<run>
 
 
 def resolve_jobs(jobs: int | str) -> int:

@@ -706,11 +706,14 @@ def results_report(
     results_dir: str | Path = "results",
     dpi: int = 120,
     update_readme: str | Path | None = None,
+    output_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Tables, verdicts, the paper side by side and figures, all computed from the run folders.
 
-    The one function that writes files: ``results_dir/report.md`` (:func:`report_markdown`),
-    ``results_dir/report.json`` and the figures under ``results_dir/figures``; with ``update_readme`` (a
+    The one function that writes files: ``output_dir/report.md`` (:func:`report_markdown`),
+    ``output_dir/report.json`` and the figures under ``output_dir/figures``, where ``output_dir``
+    defaults to ``results_dir`` (the runs are read from ``results_dir/runs`` either way, so a report of
+    other sweeps can be written beside the default one without replacing it); with ``update_readme`` (a
     path to README.md) it replaces the block between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
     Notebook 05 shows the same steps one by one (:func:`load_sweep_runs`, :func:`summarize`,
     :func:`paired_differences`, :func:`markdown_verdict`, :func:`markdown_attribution`,
@@ -720,14 +723,15 @@ def results_report(
         ``{"markdown", "figures", "summary", "differences", "written"}``; ``written`` lists every file written.
     """
     results_dir = Path(results_dir)
+    output_dir = results_dir if output_dir is None else Path(output_dir)
     runs = load_sweep_runs(results_dir, sweeps)
     summary = summarize(runs)
     diffs = paired_differences(runs, baseline=baseline)
     markdown = report_markdown(runs, summary, diffs, baseline=baseline, main_variant=main_variant)
-    figures = _report_figures(runs, summary, results_dir, baseline, main_variant, dpi)
+    figures = _report_figures(runs, summary, output_dir, baseline, main_variant, dpi)
     written = [
-        atomic_write_text(results_dir / "report.md", markdown + "\n"),
-        atomic_write_json(results_dir / "report.json", {"sweeps": sweeps, "summary": summary, "differences": diffs,
+        atomic_write_text(output_dir / "report.md", markdown + "\n"),
+        atomic_write_json(output_dir / "report.json", {"sweeps": sweeps, "summary": summary, "differences": diffs,
                                                          "attribution": attribution(runs), "claims": claims(runs), "runs": [r.name for r in runs]}),
     ]
     if update_readme is not None:

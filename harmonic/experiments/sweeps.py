@@ -147,7 +147,7 @@ SWEEPS: dict[str, Sweep] = {
         # the default study at twice the length, outside make reproduce's budget: about 12 minutes a run on the
         # 2-core bfloat16 CPU, where the test-bed runs of that length (docs/testbed.md, the frontier) gave the
         # baseline about twice the AP, detections scoring above 0.5 and few positives with y > 1.2785 [D]. Its
-        # own baseline: report it alone (notebook 05 with sweeps=["long"] and its own results_dir)
+        # own baseline: report it alone (make reproduce PROFILE=long: notebooks 04 and 05 into results/long)
         Sweep("long", ("baseline", "harmonic_hiou", "harmonic_hiou_detached"), seeds=TEST_BED_SEEDS,
               parameters={**TEST_BED, "train_overrides": {"max_iters": 4800, "lr_steps": [3682, 4478]}},
               description="the default study at 4800 iterations (the shapes-study decays scaled to the length)"),

@@ -10,6 +10,7 @@ from PIL import Image
 from harmonic.cli import main as cli_main
 from harmonic.experiments import notebooks as reproduce
 from harmonic.experiments.notebooks import PROFILES, NotebookError, declared_parameters, run_notebook
+from harmonic.experiments.sweeps import SWEEPS
 from harmonic.utils.figures import FIGSIZE
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
@@ -114,6 +115,25 @@ def test_reproduce_runs_the_profile_in_order_and_passes_results_dir(tmp_path, mo
                      "--started-at", str(time.time() - 600)]) == 0
     timing = json.loads((tmp_path / "reproduce_timing.json").read_text())
     assert 10.0 <= timing["total_wall_minutes"] < 11.0 and timing["wall_minutes"] < 1.0
+
+
+def test_the_long_profile_trains_beside_the_default_and_reports_into_its_own_folder(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(reproduce, "run_notebook", lambda stem, params, out, **kw: calls.append((stem, params, out)))
+    assert cli_main(["reproduce", "--profile", "long", "--results-dir", str(tmp_path), "--no-progress", "--jobs", "1"]) == 0
+    training = [c for c in calls if c[0] == "03_train_eval"]
+    assert [c[2] for c in training] == [tmp_path / "runs" / name / "03_train_eval.ipynb" for name, _ in SWEEPS["long"].runs()]
+    assert all(c[1]["results_dir"] == str(tmp_path.resolve()) and "output_dir" not in c[1] for c in training)
+    rest = {c[0]: c for c in calls if c[0] != "03_train_eval"}
+    assert sorted(rest) == ["04_convergence", "05_results"]
+    for stem, params, out in rest.values():
+        assert out == tmp_path / "long" / f"{stem}.ipynb"
+        assert params["output_dir"] == str((tmp_path / "long").resolve())
+        assert params["results_dir"] == str(tmp_path.resolve())  # the runs are read where they were trained
+    assert rest["05_results"][1]["sweeps"] == ["long"]
+    assert set(rest["04_convergence"][1]["runs"].values()) == {f"long-{v}-s0" for v in SWEEPS["long"].variants}
+    assert (tmp_path / "long" / "reproduce_timing.json").is_file() and not (tmp_path / "reproduce_timing.json").exists()
+    assert reproduce.DEFAULT_RESULTS_DIRS["long"] == "results"
 
 
 def test_reproduce_stops_at_a_failure_unless_keep_going(tmp_path, monkeypatch, capsys):

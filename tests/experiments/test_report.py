@@ -135,6 +135,19 @@ def test_results_report_numbers_come_from_runs(tmp_path):
         results_report(sweeps=["missing"], results_dir=tmp_path)
 
 
+def test_results_report_writes_to_output_dir_and_leaves_results_dir_alone(tmp_path):
+    for seed, (b, h) in enumerate([(0.20, 0.25), (0.22, 0.26)]):
+        _fake_run(tmp_path, f"b{seed}", "baseline", seed, b)
+        _fake_run(tmp_path, f"h{seed}", "harmonic_hiou", seed, h)
+    (tmp_path / "report.md").write_text("the default report\n")
+    out = results_report(sweeps=["s"], results_dir=tmp_path, dpi=30, output_dir=tmp_path / "long")
+    assert out["written"] == [tmp_path / "long" / "report.md", tmp_path / "long" / "report.json", *out["figures"]]
+    assert all(p.parent == tmp_path / "long" / "figures" for p in out["figures"]) and out["figures"]
+    assert "+4.5" in (tmp_path / "long" / "report.md").read_text()
+    assert json.loads((tmp_path / "long" / "report.json").read_text())["runs"] == ["b0", "b1", "h0", "h1"]
+    assert (tmp_path / "report.md").read_text() == "the default report\n" and not (tmp_path / "figures").exists()
+
+
 def test_results_report_draws_metric_vs_gamma_when_the_gamma_sweep_is_there(tmp_path):
     for seed in (0, 1):
         for gamma, ap in ((0.2, 0.20), (0.8, 0.24)):
@@ -270,7 +283,7 @@ STEPS = ("load_sweep_runs", "summarize", "paired_differences", "markdown_verdict
 def test_results_notebook_shows_each_step_after_a_sentence():
     from harmonic.experiments.notebooks import declared_parameters
 
-    assert declared_parameters(NOTEBOOK_05) == {"sweeps", "baseline", "main_variant", "results_dir", "update_readme",
+    assert declared_parameters(NOTEBOOK_05) == {"sweeps", "baseline", "main_variant", "results_dir", "output_dir", "update_readme",
                                                 "dpi"}
     cells = json.loads(NOTEBOOK_05.read_text())["cells"]
     first = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))

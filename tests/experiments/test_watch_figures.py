@@ -89,6 +89,11 @@ def test_convergence_figures_draw_the_watch_figures(tmp_path):
     assert "baseline (counterfactual)" in out["watch_markdown"] and "| harmonic |" in out["watch_markdown"]
     assert out["samples"]["harmonic"] is None
     assert out["samples"]["detached"]["detached"] is True and "detached" not in out["samples"]["baseline"]
+    # a second set of runs under the same results_dir keeps its figures apart
+    other = convergence_figures({"baseline": "base"}, results_dir=tmp_path, smooth=2, dpi=DPI,
+                                output_dir=tmp_path / "long")
+    assert [p.parent for p in other["figures"]] == [tmp_path / "long" / "figures"] * len(other["figures"])
+    assert all(p.is_file() for p in other["figures"]) and other["figures"][0].name == "fig3_training_loss.png"
 
 
 def test_sample_iterations_and_snapshots(tmp_path):
