@@ -107,7 +107,7 @@ def run(name: str, data: dict, detector: dict, train: dict, iters: int, lr: floa
     folder = dataset_folder(data) if data or preset == "shapes-cpu" else None
     run_dir = ROOT / "data" / "testbed-runs" / name
     changes = {**({"dataset": str(folder)} if folder else {}), "output_dir": str(run_dir), "seed": seed, "lr": lr, "amp": "bf16",
-               "channels_last": True, "num_threads": 1, "resume": True, "checkpoint_every": 10**6,
+               "channels_last": True, **TOOL_RUNTIME, "resume": True, "checkpoint_every": 10**6,
                "log_every": 500, **scaled_schedule(iters), **train}
     if detector:
         changes["detector"] = detector
@@ -267,10 +267,17 @@ def loss_variant(detector: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return name or json.dumps(options, sort_keys=True), rest
 
 
+#: the TrainConfig fields a run sets to say how it is executed, not what it computes: left out of its setting
+BOOKKEEPING = frozenset({"checkpoint_every", "log_every"})
+#: the tool's own run-time settings (a --train override that repeats one changes nothing)
+TOOL_RUNTIME = {"num_threads": 1}
+
+
 def setting_of(record: dict[str, Any]) -> dict[str, Any]:
     """What a run was, without its seed: data, backbone (the one it trained with, as the record keeps it),
     loss (:func:`loss_variant`), image size, length, lr, and any other override (JSON, "" for none). The
-    ``shapes-study`` preset's own data is D3."""
+    ``shapes-study`` preset's own data is D3. Training overrides of :data:`BOOKKEEPING` fields, and those
+    that repeat the tool's :data:`TOOL_RUNTIME`, are not part of the setting."""
     detector = dict(record.get("detector") or {})
     data = json.dumps(record.get("data") or {}, sort_keys=True)
     if not record.get("data") and record.get("preset") in PRESET_DATA:
@@ -280,7 +287,8 @@ def setting_of(record: dict[str, Any]) -> dict[str, Any]:
     detector.pop("max_size", None)
     px = detector.pop("min_size", None) or record.get("min_size")
     loss, rest = loss_variant(detector)
-    train = {k: v for k, v in (record.get("train") or {}).items() if k != "checkpoint_every"}
+    train = {k: v for k, v in (record.get("train") or {}).items()
+             if k not in BOOKKEEPING and not (k in TOOL_RUNTIME and TOOL_RUNTIME[k] == v)}
     return {"data": DATA_NAMES.get(data, data), "backbone": backbone or "scratch", "loss": loss, "px": px,
             "iters": record["iters"], "lr": record["lr"],
             "other": json.dumps({**rest, **train}, sort_keys=True) if rest or train else ""}

@@ -183,6 +183,12 @@ def test_setting_names_the_loss_as_the_sweeps_do_and_keeps_the_trained_backbone(
     overridden["data"] = {"max_objects": 2}  # --preset shapes-study --data ...: still the shapes backbone
     assert testbed.setting_of(overridden)["backbone"] == "shapes"
     assert testbed.setting_of(overridden)["data"] == json.dumps({"max_objects": 2})
+    # how a run was executed is not what it computes: bookkeeping and the tool's own thread count stay out
+    executed = _record("e", 0, 1.0, preset="shapes-study")
+    executed["train"] = {"checkpoint_every": 400, "log_every": 10, "num_threads": testbed.TOOL_RUNTIME["num_threads"]}
+    assert testbed.setting_of(executed)["other"] == ""
+    executed["train"] = {"num_threads": 2, "warmup_iters": 50}  # another thread count, another schedule: kept apart
+    assert json.loads(testbed.setting_of(executed)["other"]) == {"num_threads": 2, "warmup_iters": 50}
 
 
 def test_a_detached_run_pairs_with_the_baseline_of_its_setting():
