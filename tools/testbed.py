@@ -350,11 +350,37 @@ def frontier_groups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda g: (g["data"], g["backbone"], g["loss"], g["px"] or 0, g["iters"], g["lr"], g["other"]))
 
 
+#: detector fields of the sweeps' variants that change the network, not the loss: a variant's reference is
+#: the baseline loss on the same network (``harmonic_hiou_gn`` against ``baseline_gn``)
+NETWORK_FIELDS = ("head_norm",)
+
+
+def reference_variant(variant: str) -> str:
+    """The variant a loss is paired with: the sweeps' baseline variant with the same :data:`NETWORK_FIELDS`
+    (``"baseline"`` for a loss that changes none, or for options no sweep variant names)."""
+    from harmonic.experiments.sweeps import VARIANTS
+
+    options = VARIANTS.get(variant, {})
+    wanted = {"loss": "baseline", **{key: options[key] for key in NETWORK_FIELDS if key in options}}
+    return next((name for name, known in VARIANTS.items() if known == wanted), "baseline")
+
+
+def _reference_of(variant: str) -> str | None:
+    """What ``variant`` is paired with: its :func:`reference_variant`; a baseline on another network (itself
+    a reference) against the plain ``"baseline"``, which is paired with nothing."""
+    reference = reference_variant(variant)
+    if reference != variant:
+        return reference
+    return None if variant == "baseline" else "baseline"
+
+
 def paired_loss_contrasts(records: list[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
-    """Every loss against the baseline of the same setting (all but the loss), paired by seed: the mean AP
-    difference, its t-interval, the sd of the differences and the minimum detectable effect at that number
-    of pairs (power 0.8), where there are at least two pairs
-    (:func:`harmonic.experiments.report.paired_differences`)."""
+    """Every loss against the baseline of the same setting (all but the loss) on the same network
+    (:func:`reference_variant`; a baseline on another network against the plain baseline), paired by seed:
+    the mean AP difference, its t-interval, the sd of the differences and the minimum detectable effect at
+    that number of pairs (power 0.8), where there are at least two pairs
+    (:func:`harmonic.experiments.report.paired_differences`). ``reference`` names the baseline each row is
+    paired with."""
     from harmonic.experiments.report import paired_differences
 
     by_rest: dict[str, list] = {}
@@ -364,14 +390,16 @@ def paired_loss_contrasts(records: list[dict[str, Any]], confidence: float = 0.9
         by_rest.setdefault(json.dumps(setting, sort_keys=True), []).extend(_as_run(r, loss) for r in seeds.values())
     out = []
     for key, runs in sorted(by_rest.items()):
-        base_seeds = {run.seed for run in runs if run.variant == "baseline"}
-        for loss, entry in paired_differences(runs, metrics=("AP",), confidence=confidence).items():
-            if entry["AP"]["n"] < 2:
-                continue
-            seeds = sorted({run.seed for run in runs if run.variant == loss} & base_seeds)
-            out.append({**json.loads(key), "loss": loss, "seeds": seeds,
-                        **{field: round(entry["AP"][name], 2) for field, name in
-                           (("diff", "mean"), ("low", "low"), ("high", "high"), ("sd", "sd"), ("mde", "mde"))}})
+        for reference in sorted({ref for run in runs if (ref := _reference_of(run.variant)) is not None}):
+            group = [run for run in runs if run.variant == reference or _reference_of(run.variant) == reference]
+            base_seeds = {run.seed for run in group if run.variant == reference}
+            for loss, entry in paired_differences(group, baseline=reference, metrics=("AP",), confidence=confidence).items():
+                if entry["AP"]["n"] < 2:
+                    continue
+                seeds = sorted({run.seed for run in group if run.variant == loss} & base_seeds)
+                out.append({**json.loads(key), "loss": loss, "reference": reference, "seeds": seeds,
+                            **{field: round(entry["AP"][name], 2) for field, name in
+                               (("diff", "mean"), ("low", "low"), ("high", "high"), ("sd", "sd"), ("mde", "mde"))}})
     return out
 
 
@@ -428,12 +456,12 @@ def markdown_frontier(groups: list[dict[str, Any]], contrasts: list[dict[str, An
             f"{_fmt_sd(g['AP'], g['AP_sd'])} | {g['AP50']:.1f} | {g['AP75']:.1f} | {pos_iou} | "
             f"{g['matched_above_05']} of {g['matched']} | {y_share} | {reversed_} |")
     if contrasts:
-        lines += ["", "| setting | loss against the baseline, paired by seed | pairs | AP difference [95% interval] | "
+        lines += ["", "| setting | loss − its baseline, paired by seed | pairs | AP difference [95% interval] | "
                   "sd of the differences | minimum detectable effect (power 0.8) |", "|---|---|---|---|---|---|"]
         for c in contrasts:
             other = f", {c['other']}" if c["other"] else ""
             lines.append(f"| {c['data']}, {c['backbone']} backbone, {c['px']} px, lr {c['lr']}, {c['iters']} iterations"
-                         f"{other} | {c['loss']} | "
+                         f"{other} | {c['loss']} − {c['reference']} | "
                          f"{len(c['seeds'])} | {c['diff']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] | {c['sd']:.2f} | "
                          f"{c['mde']:.2f} |")
     return "\n".join(lines)

@@ -200,6 +200,26 @@ def test_a_detached_run_pairs_with_the_baseline_of_its_setting():
     assert contrast["loss"] == "harmonic_hiou_detached" and contrast["diff"] == -4.5 and contrast["seeds"] == [0, 1]
 
 
+def test_a_loss_on_another_network_pairs_with_the_baseline_on_that_network():
+    def gn(name, seed, ap, loss=None):
+        record = _record(name, seed, ap, preset="shapes-study", loss=loss)
+        record["detector"]["head_norm"] = "gn"
+        return record
+
+    base = [_record(f"b{s}", s, 10.0 + s, preset="shapes-study") for s in (0, 1)]
+    method = [_record(f"h{s}", s, 4.0, preset="shapes-study", loss="harmonic") for s in (0, 1)]
+    base_gn = [gn(f"bg{s}", s, 11.0 + 2 * s) for s in (0, 1)]
+    method_gn = [gn(f"hg{s}", s, 9.0 + s, loss="harmonic") for s in (0, 1)]
+    assert testbed.reference_variant("harmonic_hiou_gn") == "baseline_gn"
+    assert testbed.reference_variant("harmonic_hiou") == testbed.reference_variant("nothing known") == "baseline"
+    contrasts = {c["loss"]: c for c in testbed.paired_loss_contrasts(base + method + base_gn + method_gn)}
+    assert set(contrasts) == {"harmonic_hiou", "baseline_gn", "harmonic_hiou_gn"}
+    assert (contrasts["harmonic_hiou_gn"]["reference"], contrasts["harmonic_hiou_gn"]["diff"]) == ("baseline_gn", -2.5)
+    assert (contrasts["baseline_gn"]["reference"], contrasts["baseline_gn"]["diff"]) == ("baseline", 1.5)
+    assert (contrasts["harmonic_hiou"]["reference"], contrasts["harmonic_hiou"]["diff"]) == ("baseline", -6.5)
+    assert "| harmonic_hiou_gn − baseline_gn |" in testbed.markdown_frontier([], list(contrasts.values()))
+
+
 def test_the_same_setting_and_seed_twice_is_refused_by_name():
     twice = [_record("first", 0, 10.0), _record("again", 0, 11.0)]
     with pytest.raises(ValueError, match="'first' and 'again'"):
