@@ -423,7 +423,7 @@ def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "defau
         log = read_log(run.folder)
         setting = {"data": PRESET_DATA.get(config["dataset"], config["dataset"]),
                    "backbone": portable_backbone(detector.get("pretrained_backbone")) or "scratch",
-                   "loss": f"{run.variant} (`make sweep SWEEP={sweep}`)", "px": detector.get("min_size"),
+                   "loss": f"{run.variant} (`make sweep SWEEP={sweep}`)", "variant": run.variant, "px": detector.get("min_size"),
                    "iters": config["max_iters"], "lr": config["lr"], "other": ""}
         by_setting.setdefault(json.dumps(setting, sort_keys=True), []).append({
             "name": run.name, "seed": run.seed, **{m: 100 * run.metrics[m] for m in ("AP", "AP50", "AP75")},
@@ -482,12 +482,12 @@ def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: i
 
     series: dict[str, list[dict[str, Any]]] = {}
     rows = _frontier_rows(groups)
-    for g in rows:  # the test bed's runs first; a committed study's variant ("name (`make sweep ...`)") then
-        if " (" not in g["loss"]:  # joins the line of its loss where that line has no point at its length
+    for g in rows:  # the test bed's runs first; a committed study's variant (its group names the "variant") then
+        if "variant" not in g:  # joins the line of its loss where that line has no point at its length
             series.setdefault(g["loss"], []).append(g)
     for g in rows:
-        if " (" in g["loss"]:
-            base = g["loss"].split(" (", 1)[0]
+        if "variant" in g:
+            base = g["variant"]
             joins = base in series and all(other["iters"] != g["iters"] for other in series[base])
             series.setdefault(base if joins else g["loss"], []).append(g)
     for line in series.values():

@@ -163,6 +163,7 @@ def test_study_groups_read_committed_runs_and_their_measured_iou(tmp_path):
     pos_iou.write_text(json.dumps({"default-baseline-s0": {"pos_iou": 0.7}, "default-baseline-s1": {"pos_iou": 0.8}}))
     (group,) = testbed.study_groups(runs_dir, pos_iou=pos_iou)
     assert group["loss"].startswith("baseline (") and group["iters"] == 200 and group["seeds"] == [0, 1]
+    assert group["variant"] == "baseline"  # what the figure joins by, not the label
     assert (group["data"], group["backbone"], group["px"], group["lr"]) == ("D3", "shapes", 160, 0.02)
     assert group["AP"] == 11.0 and group["AP_sd"] == pytest.approx(1.41, abs=0.01)
     assert group["minutes"] == [2.0, 2.0] and group["matched_above_05"] == 4 and group["matched"] == 6
@@ -302,8 +303,9 @@ def test_run_keeps_the_study_presets_own_data_and_records_the_preset(tmp_path, m
 
 def test_frontier_figure_joins_a_study_variant_to_its_losss_line_where_that_length_is_free():
     def group(loss, iters, pos_iou=0.7):
+        study = {"variant": loss.split(" (", 1)[0]} if " (" in loss else {}  # as study_groups names them
         return {"data": "D3", "backbone": "shapes", "px": 160, "lr": 0.02, "other": "", "loss": loss,
-                "iters": iters, "AP": 5.0, "AP_sd": 0.5, "seeds": [0, 1], "pos_iou": pos_iou}
+                "iters": iters, "AP": 5.0, "AP_sd": 0.5, "seeds": [0, 1], "pos_iou": pos_iou, **study}
 
     groups = [group("baseline", 2400), group("harmonic_hiou", 4800),
               group("harmonic_hiou (`make sweep SWEEP=default`)", 2400),  # joins: the line has no 2400 point
