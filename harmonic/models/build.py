@@ -11,7 +11,7 @@ from torchvision.models.detection.ssd import SSDHead
 
 from harmonic.models.backbones import RefineDetVGG16, build_backbone, default_anchor_sizes, level_strides
 from harmonic.models.common import StatsMixin, unwrap
-from harmonic.models.config import HEAD_GN_GROUPS, DetectorConfig
+from harmonic.models.config import HEAD_GN_GROUPS, TWO_STAGE_SAMPLING, DetectorConfig
 from harmonic.models.faster_rcnn import HarmonicFasterRCNN
 from harmonic.models.fcos import HarmonicFCOS, HarmonicFCOSHead
 from harmonic.models.mask_rcnn import HarmonicMaskRCNN
@@ -90,6 +90,7 @@ def build_detector(cfg: DetectorConfig) -> nn.Module:
     two_stage = dict(
         options=options, min_size=min_size, max_size=max_size, rpn_anchor_generator=anchors,
         box_score_thresh=post["score_thresh"], box_detections_per_img=post["detections_per_img"],
+        **{name: getattr(cfg, name) for name in TWO_STAGE_SAMPLING if getattr(cfg, name) is not None},
     )
     if cfg.arch == "mask_rcnn":
         return HarmonicMaskRCNN(backbone, num_classes, mask_channels=channels, **two_stage)

@@ -28,6 +28,8 @@ __all__ = ["ARCHS", "BACKBONES", "COMPARISON_ARCHS", "LOSSES", "MASK_ARCHS", "NO
 ARCHS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssd", "refinedet")
 #: two-stage architectures: RPN + RoI heads on a stride-4..64 FPN (Mask R-CNN is Faster R-CNN plus a mask branch)
 TWO_STAGE_ARCHS = ("faster_rcnn", "mask_rcnn")
+#: DetectorConfig fields passed to torchvision's two-stage builders as the keyword arguments of the same names
+TWO_STAGE_SAMPLING = ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "box_batch_size_per_image")
 #: architectures that predict instance masks, and so train on targets with ``masks``
 MASK_ARCHS = ("mask_rcnn",)
 FPN_BACKBONES = ("resnet50_fpn", "resnet18_fpn", "mobilenet_v3_fpn")
@@ -109,6 +111,11 @@ class DetectorConfig:
     * ``head_norm``: RetinaNet only: ``None`` (torchvision's ``retinanet_resnet50_fpn`` head: conv + ReLU, no
       normalization) or ``"gn"`` (GroupNorm of 32 groups after each head conv, as torchvision's
       ``retinanet_resnet50_fpn_v2``; the number of groups divides ``fpn_channels``).
+    * ``rpn_pre_nms_top_n_train``, ``rpn_post_nms_top_n_train``, ``box_batch_size_per_image``: Faster R-CNN and
+      Mask R-CNN only, torchvision's arguments of the same names for training (``None``: torchvision's 2000
+      proposals per level before the RPN's NMS, 2000 per image after it, 512 RoIs sampled per image for the box
+      head's loss). Small images with few objects need far fewer: the ``faster_rcnn_ablation`` sweep's values
+      and the measurement behind them are in :mod:`harmonic.experiments.sweeps`.
     * ``refinedet_harmonic_arm``: RefineDet with ``loss="harmonic"``: also apply the Harmonic loss to the
       anchor refinement module's positives (its binary cross-entropy as a two-column softmax, so
       beta_c = objectness of the positive) [D]; off by default, when the Harmonic loss covers the object
@@ -144,6 +151,9 @@ class DetectorConfig:
     crowd_iof_thresh: float = 0.5
     refinedet_harmonic_arm: bool = False
     head_norm: str | None = None
+    rpn_pre_nms_top_n_train: int | None = None
+    rpn_post_nms_top_n_train: int | None = None
+    box_batch_size_per_image: int | None = None
 
     # ------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -197,6 +207,7 @@ class DetectorConfig:
         if not is_number(self.crowd_iof_thresh) or not 0 < self.crowd_iof_thresh <= 1:
             raise ValueError(f"DetectorConfig.crowd_iof_thresh must be a number in (0, 1], got {self.crowd_iof_thresh!r}")
         self._check_refinedet_switch()
+        self._check_two_stage_sampling()
         if self.head_norm not in HEAD_NORMS:
             raise ValueError(f"DetectorConfig.head_norm must be one of {HEAD_NORMS}, got {self.head_norm!r}")
         if self.head_norm is not None and self.arch != "retinanet":
@@ -205,6 +216,17 @@ class DetectorConfig:
         if self.head_norm == "gn" and self.fpn_channels % HEAD_GN_GROUPS:
             raise ValueError(f"DetectorConfig.head_norm='gn' uses {HEAD_GN_GROUPS} groups, which must divide "
                              f"fpn_channels, got {self.fpn_channels}")
+
+    def _check_two_stage_sampling(self) -> None:
+        for name in TWO_STAGE_SAMPLING:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not is_int(value) or value < 1:
+                raise ValueError(f"DetectorConfig.{name} must be None or an int >= 1, got {value!r}")
+            if self.arch not in TWO_STAGE_ARCHS:
+                raise ValueError(f"DetectorConfig.{name} applies to arch in {TWO_STAGE_ARCHS} only (their RPN and RoI "
+                                 f"sampling), got arch={self.arch!r}")
 
     def _check_refinedet_switch(self) -> None:
         if not isinstance(self.refinedet_harmonic_arm, bool):

@@ -74,6 +74,9 @@ def test_faster_rcnn_ablation_builds_valid_configs_on_the_test_bed():
         config = build_run_config(RunSpec.from_dict(params))
         assert config.detector["arch"] == "faster_rcnn" and config.detector["pretrained_backbone"] == "shapes"
         assert config.detector["anchor_sizes"] == [[8], [16], [32], [64], [128]]
+        # the sampling sized to the test bed reaches torchvision's RPN and RoI heads
+        assert (config.detector["rpn_pre_nms_top_n_train"], config.detector["rpn_post_nms_top_n_train"],
+                config.detector["box_batch_size_per_image"]) == (1000, 500, 128)
 
 
 def test_run_sweep_skips_finished_and_survives_failures(tmp_path):

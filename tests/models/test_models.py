@@ -601,3 +601,20 @@ def test_head_norm_gn_puts_group_norm_in_both_retinanet_towers_and_is_checked():
         tiny("retinanet", head_norm="bn")
     with pytest.raises(ValueError, match="divide"):
         tiny("retinanet", head_norm="gn", fpn_channels=48)
+
+
+def test_two_stage_sampling_reaches_torchvision_and_is_refused_elsewhere():
+    from harmonic.models import DetectorConfig, build_detector
+
+    small = dict(num_classes=3, backbone="resnet18_fpn", min_size=64, max_size=64, fpn_channels=32)
+    model = build_detector(DetectorConfig(arch="faster_rcnn", rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=50,
+                                          box_batch_size_per_image=16, **small))
+    assert model.rpn._pre_nms_top_n == {"training": 300, "testing": 1000}
+    assert model.rpn._post_nms_top_n == {"training": 50, "testing": 1000}
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 16
+    default = build_detector(DetectorConfig(arch="faster_rcnn", **small))
+    assert default.roi_heads.fg_bg_sampler.batch_size_per_image == 512  # torchvision's
+    with pytest.raises(ValueError, match="box_batch_size_per_image applies to arch"):
+        DetectorConfig(arch="retinanet", box_batch_size_per_image=16, **small)
+    with pytest.raises(ValueError, match="rpn_post_nms_top_n_train must be None or an int >= 1"):
+        DetectorConfig(arch="mask_rcnn", rpn_post_nms_top_n_train=0, **small)
