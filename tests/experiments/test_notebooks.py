@@ -117,23 +117,31 @@ def test_reproduce_runs_the_profile_in_order_and_passes_results_dir(tmp_path, mo
     assert 10.0 <= timing["total_wall_minutes"] < 11.0 and timing["wall_minutes"] < 1.0
 
 
-def test_the_long_profile_trains_beside_the_default_and_reports_into_its_own_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("profile, sweep", [("long", "long"), ("faster_rcnn", "faster_rcnn_ablation")])
+def test_a_side_profile_trains_beside_the_default_and_reports_into_its_own_folder(tmp_path, monkeypatch, profile, sweep):
     calls = []
     monkeypatch.setattr(reproduce, "run_notebook", lambda stem, params, out, **kw: calls.append((stem, params, out)))
-    assert cli_main(["reproduce", "--profile", "long", "--results-dir", str(tmp_path), "--no-progress", "--jobs", "1"]) == 0
+    assert cli_main(["reproduce", "--profile", profile, "--results-dir", str(tmp_path), "--no-progress", "--jobs", "1"]) == 0
     training = [c for c in calls if c[0] == "03_train_eval"]
-    assert [c[2] for c in training] == [tmp_path / "runs" / name / "03_train_eval.ipynb" for name, _ in SWEEPS["long"].runs()]
+    assert [c[2] for c in training] == [tmp_path / "runs" / name / "03_train_eval.ipynb" for name, _ in SWEEPS[sweep].runs()]
     assert all(c[1]["results_dir"] == str(tmp_path.resolve()) and "output_dir" not in c[1] for c in training)
     rest = {c[0]: c for c in calls if c[0] != "03_train_eval"}
     assert sorted(rest) == ["04_convergence", "05_results"]
     for stem, params, out in rest.values():
-        assert out == tmp_path / "long" / f"{stem}.ipynb"
-        assert params["output_dir"] == str((tmp_path / "long").resolve())
+        assert out == tmp_path / profile / f"{stem}.ipynb"
+        assert params["output_dir"] == str((tmp_path / profile).resolve())
         assert params["results_dir"] == str(tmp_path.resolve())  # the runs are read where they were trained
-    assert rest["05_results"][1]["sweeps"] == ["long"]
-    assert set(rest["04_convergence"][1]["runs"].values()) == {f"long-{v}-s0" for v in SWEEPS["long"].variants}
-    assert (tmp_path / "long" / "reproduce_timing.json").is_file() and not (tmp_path / "reproduce_timing.json").exists()
-    assert reproduce.DEFAULT_RESULTS_DIRS["long"] == "results"
+    assert rest["05_results"][1]["sweeps"] == [sweep]
+    # notebook 04 draws seed 0 of runs the sweep trains, the baseline among them
+    drawn = set(rest["04_convergence"][1]["runs"].values())
+    assert drawn <= {name for name, params in SWEEPS[sweep].runs() if params["seed"] == 0}
+    assert any(name.endswith("-baseline-s0") for name in drawn) and len(drawn) == 3
+    if profile == "long":
+        assert drawn == {f"long-{v}-s0" for v in SWEEPS["long"].variants}
+    else:  # the ablation's full method is the variant its verdict is about
+        assert rest["05_results"][1]["main_variant"] == "harmonic_tc_hiou" in SWEEPS[sweep].variants
+    assert (tmp_path / profile / "reproduce_timing.json").is_file() and not (tmp_path / "reproduce_timing.json").exists()
+    assert reproduce.DEFAULT_RESULTS_DIRS[profile] == "results"
 
 
 def test_reproduce_stops_at_a_failure_unless_keep_going(tmp_path, monkeypatch, capsys):
