@@ -438,6 +438,10 @@ _DETECTOR_HELP = {
     "score_thresh": "score threshold before NMS",
     "crowd_iof_thresh": "ignore negatives lying more than this fraction inside a crowd box",
     "refinedet_harmonic_arm": "RefineDet with --loss harmonic: the Harmonic loss on the anchor refinement module too [D]",
+    "head_norm": "RetinaNet head towers: 'none' (torchvision's v1 head) or 'gn' (GroupNorm, its v2 head)",
+    "rpn_pre_nms_top_n_train": "Faster / Mask R-CNN: proposals per level before the RPN's NMS in training (torchvision: 2000)",
+    "rpn_post_nms_top_n_train": "Faster / Mask R-CNN: proposals per image after the RPN's NMS in training (torchvision: 2000)",
+    "box_batch_size_per_image": "Faster / Mask R-CNN: RoIs sampled per image for the box head's loss (torchvision: 512)",
 }
 
 
@@ -514,7 +518,8 @@ def _add_detector_flags(group) -> None:
              "hiou_weight": float, "hiou_gamma": float, "tc_weight": float, "tc_margin": float,
              "fused": _parse_tristate, "detections_per_img": _parse_optional_int,
              "score_thresh": _parse_optional_float, "crowd_iof_thresh": float,
-             "pretrained_backbone": _parse_optional_str}
+             "pretrained_backbone": _parse_optional_str, "rpn_pre_nms_top_n_train": _parse_optional_int,
+             "rpn_post_nms_top_n_train": _parse_optional_int, "box_batch_size_per_image": _parse_optional_int}
     for f in dataclasses.fields(DetectorConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = _DETECTOR_HELP.get(f.name, "DetectorConfig field (JSON value)")

@@ -329,6 +329,17 @@ def test_print_config_and_config_file_with_overrides(tmp_path, capsys):
     assert again == expected.replace(seed=7, epochs=2) and again.max_iters is None
 
 
+def test_two_stage_sampling_flags_reach_the_detector_config(capsys):
+    assert main(["train", "--preset", "shapes-study", "--arch", "faster_rcnn", "--box-batch-size-per-image", "128",
+                 "--rpn-post-nms-top-n-train", "500", "--anchor-sizes", "[[8],[16],[32],[64],[128]]", "--print-config"]) == 0
+    detector = json.loads(capsys.readouterr().out)["detector"]
+    assert (detector["box_batch_size_per_image"], detector["rpn_post_nms_top_n_train"]) == (128, 500)
+    assert detector.get("rpn_pre_nms_top_n_train") is None  # torchvision's
+    with pytest.raises(SystemExit) as info:  # RetinaNet has no RoI sampling
+        main(["train", "--preset", "shapes-study", "--box-batch-size-per-image", "128", "--print-config"])
+    assert info.value.code == 2 and "box_batch_size_per_image applies to arch in" in capsys.readouterr().err
+
+
 def test_precision_resolution(monkeypatch):
     from harmonic.engine import precision as prec
 
