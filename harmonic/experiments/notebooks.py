@@ -14,7 +14,8 @@ tests run); it writes under ``results/smoke`` unless ``--results-dir`` says othe
 overwrites the real results. ``long`` is the default study at twice the length: its runs go beside the
 default's (``results/runs``), its other notebooks, figures, report and timing to ``results/long``
 (``OUTPUT_SUBDIRS``, passed as ``output_dir``); ``faster_rcnn``, the paper's ablation on Faster R-CNN, likewise
-into ``results/faster_rcnn``. To add a notebook, add one line to each profile.
+into ``results/faster_rcnn``, and ``faster_rcnn_long``, its baseline and whole method at twice the length, into
+``results/faster_rcnn_long``. To add a notebook, add one line to each profile.
 
 Notebooks run with ``kernel_name="python3"`` and the repository root as working directory. The parameters
 ``results_dir``, ``coco_root`` and ``voc_root`` (from ``--results-dir`` / ``--coco-root`` / ``--voc-root``)
@@ -104,6 +105,15 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
                                    ("harmonic + TC + HIoU", "harmonic_tc_hiou"))}})],
         "05_results": [("05_results", {"sweeps": ["faster_rcnn_ablation"], "main_variant": "harmonic_tc_hiou"})],
     },
+    # the whole method against the baseline on Faster R-CNN at 4800 iterations (about 100 minutes on the 2-core
+    # CPU): runs beside the default's, the rest in results_dir/faster_rcnn_long
+    "faster_rcnn_long": {
+        "03_train_eval": _training_entries("faster_rcnn_long"),
+        "04_convergence": [("04_convergence", {"runs": {
+            label: f"faster_rcnn_long-faster_rcnn-{variant}-s0"
+            for label, variant in (("baseline", "baseline"), ("harmonic + TC + HIoU", "harmonic_tc_hiou"))}})],
+        "05_results": [("05_results", {"sweeps": ["faster_rcnn_long"], "main_variant": "harmonic_tc_hiou"})],
+    },
     # VOC07+12 trainval -> VOC07 test (make reproduce PROFILE=voc VOC_ROOT=VOCdevkit)
     "voc": {
         "03_train_eval": _training_entries("voc"),
@@ -112,11 +122,11 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
     },
 }
 DEFAULT_RESULTS_DIRS = {"default": "results", "quick": "results/quick", "smoke": "results/smoke", "coco": "results/coco", "voc": "results/voc",
-                        "long": "results", "faster_rcnn": "results"}
+                        "long": "results", "faster_rcnn": "results", "faster_rcnn_long": "results"}
 # Profiles whose training runs sit beside the default's (results_dir/runs, so they pair with the sweeps run
 # there) while their other executed notebooks, figures, report and timing go to results_dir/<subdir>: the
 # notebooks that declare ``output_dir`` get that folder, so the default's report and figures stay as they are.
-OUTPUT_SUBDIRS = {"long": "long", "faster_rcnn": "faster_rcnn"}
+OUTPUT_SUBDIRS = {"long": "long", "faster_rcnn": "faster_rcnn", "faster_rcnn_long": "faster_rcnn_long"}
 # Parameters filled from the command line, for the notebooks that declare them.
 COMMAND_LINE_PARAMETERS = ("results_dir", "coco_root", "voc_root")
 # Profiles that cannot run without a dataset given on the command line: profile -> parameter
