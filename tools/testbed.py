@@ -403,18 +403,29 @@ def paired_loss_contrasts(records: list[dict[str, Any]], confidence: float = 0.9
     return out
 
 
+#: the detectors other than RetinaNet whose committed sweeps the frontier draws, and the variants it takes
+#: from them: the baseline and the method as the paper's ablation builds it
+FRONTIER_STUDIES = {"faster_rcnn_ablation": ("baseline", "harmonic_tc_hiou"),
+                    "faster_rcnn_long": ("baseline", "harmonic_tc_hiou")}
+ARCH_NAMES = {"faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN", "fcos": "FCOS", "ssd": "SSD",
+              "refinedet": "RefineDet"}
+
+
 def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "default",
-                 pos_iou: Path = POS_IOU) -> list[dict[str, Any]]:
+                 pos_iou: Path = POS_IOU, variants: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """The committed runs of a sweep (``report.load_runs``: variant and seed from each run.json) as
-    :func:`frontier_groups` entries, one per variant; data, backbone, image size, length and lr from each
-    run's config.json. Minutes are the logged iteration times summed; the positives' IoU on the validation
-    images comes from ``pos_iou`` (:func:`run_pos_iou`; None where a run has not been measured)."""
+    :func:`frontier_groups` entries, one per variant (only ``variants`` where given); data, backbone, image
+    size, length, lr and, for a detector other than RetinaNet, its ``arch`` from each run's config.json.
+    Minutes are the logged iteration times summed; the positives' IoU on the validation images comes from
+    ``pos_iou`` (:func:`run_pos_iou`; None where a run has not been measured)."""
     from harmonic.experiments.report import load_runs
     from harmonic.utils.runlog import read_log
 
     measured = _read_table(pos_iou)
     by_setting: dict[str, list[dict[str, Any]]] = {}
     for run in load_runs(runs_dir, sweep=sweep):
+        if variants is not None and run.variant not in variants:
+            continue
         config = json.loads((run.folder / "config.json").read_text())["config"]
         detector = config["detector"]
         if any(run.metrics.get(m) is None for m in ("AP", "AP50", "AP75")):
@@ -425,6 +436,10 @@ def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "defau
                    "backbone": portable_backbone(detector.get("pretrained_backbone")) or "scratch",
                    "loss": f"{run.variant} (`make sweep SWEEP={sweep}`)", "variant": run.variant, "px": detector.get("min_size"),
                    "iters": config["max_iters"], "lr": config["lr"], "other": ""}
+        arch = detector.get("arch", "retinanet")
+        if arch != "retinanet":  # its own line in the figure, never joined to RetinaNet's
+            setting["arch"] = arch
+            setting["loss"] = f"{ARCH_NAMES.get(arch, arch)} {setting['loss']}"
         by_setting.setdefault(json.dumps(setting, sort_keys=True), []).append({
             "name": run.name, "seed": run.seed, **{m: 100 * run.metrics[m] for m in ("AP", "AP50", "AP75")},
             "train_minutes": sum(r["time"] for r in log) / 60,
@@ -476,7 +491,8 @@ def _frontier_rows(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: int = 100):
     """AP (mean ± sd over seeds) against the length of training, one line per loss of
-    :func:`_frontier_rows` (the committed study's variants as their own points)."""
+    :func:`_frontier_rows` (the committed study's variants as their own points; another detector's
+    committed studies, :data:`FRONTIER_STUDIES`, as that detector's own lines)."""
     from harmonic.experiments.figures import plot_metric_vs_param
     from harmonic.utils.figures import caption, finish, new_figure
 
@@ -487,8 +503,9 @@ def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: i
             series.setdefault(g["loss"], []).append(g)
     for g in rows:
         if "variant" in g:
-            base = g["variant"]
-            joins = base in series and all(other["iters"] != g["iters"] for other in series[base])
+            base = g["variant"] if "arch" not in g else f"{ARCH_NAMES.get(g['arch'], g['arch'])} {g['variant']}"
+            # another detector's variants make their own line across the lengths of its studies
+            joins = (base in series or "arch" in g) and all(other["iters"] != g["iters"] for other in series.get(base, []))
             series.setdefault(base if joins else g["loss"], []).append(g)
     for line in series.values():
         line.sort(key=lambda g: g["iters"])
@@ -504,7 +521,8 @@ def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: i
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.minorticks_off()
     ax.set_title("the test bed's frontier: AP against training length [D]", fontsize=10)
-    caption(fig, "RetinaNet R18-FPN, shapes-pretrained backbone, shapes-study data, 160 px, lr 0.02, bfloat16, "
+    detectors = "RetinaNet" + "".join(sorted({f" and {ARCH_NAMES.get(g['arch'], g['arch'])}" for g in rows if "arch" in g}))
+    caption(fig, f"{detectors} R18-FPN, shapes-pretrained backbone, shapes-study data, 160 px, lr 0.02, bfloat16, "
                  "2-core CPU")
     return finish(fig, path, dpi)
 
@@ -524,6 +542,8 @@ def frontier(doc: Path | None = DOC, *, records_dir: Path = RECORDS,
 
     records = load_records(records_dir)
     groups, contrasts = frontier_groups(records) + study_groups(runs_dir), paired_loss_contrasts(records)
+    for sweep, variants in FRONTIER_STUDIES.items():  # the other detectors' committed studies, as their own lines
+        groups += study_groups(runs_dir, sweep=sweep, variants=variants)
     text = doc.read_text() if doc is not None else None
     if text is not None and (BEGIN not in text or END not in text):
         raise ValueError(f"{doc}: no {BEGIN} ... {END} block to write the frontier into")

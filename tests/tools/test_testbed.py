@@ -169,6 +169,15 @@ def test_study_groups_read_committed_runs_and_their_measured_iou(tmp_path):
     assert group["minutes"] == [2.0, 2.0] and group["matched_above_05"] == 4 and group["matched"] == 6
     assert group["pos_iou"] == 0.75 and group["watch_reversed_share"] == 0.5
     assert testbed.study_groups(runs_dir, pos_iou=tmp_path / "absent.json")[0]["pos_iou"] is None
+    assert testbed.study_groups(runs_dir, pos_iou=pos_iou, variants=("harmonic_hiou",)) == []
+    # another detector's runs name it and carry it, so the figure never joins them to RetinaNet's line
+    for seed in (0, 1):
+        config_path = runs_dir / f"default-baseline-s{seed}" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["config"]["detector"]["arch"] = "faster_rcnn"
+        config_path.write_text(json.dumps(config))
+    (group,) = testbed.study_groups(runs_dir, pos_iou=pos_iou, variants=("baseline",))
+    assert group["arch"] == "faster_rcnn" and group["loss"].startswith("Faster R-CNN baseline (")
 
 
 def test_setting_names_the_loss_as_the_sweeps_do_and_keeps_the_trained_backbone():
@@ -314,6 +323,13 @@ def test_frontier_figure_joins_a_study_variant_to_its_losss_line_where_that_leng
     labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
     assert labels == ["baseline, seeds: 2", "harmonic_hiou, seeds: 2, 2",
                       "baseline (make sweep SWEEP=default), seeds: 2"]
+    # another detector's baseline at a free length joins its own detector's line, not RetinaNet's
+    frcnn = [{**group(f"Faster R-CNN baseline (`make sweep SWEEP={sweep}`)", iters), "variant": "baseline",
+              "arch": "faster_rcnn"} for sweep, iters in (("a", 4800), ("b", 9600))]
+    fig = testbed.plot_frontier(groups + frcnn)
+    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert labels[-1] == "Faster R-CNN baseline, seeds: 2, 2" and labels[0] == "baseline, seeds: 2"
+    assert "Faster R-CNN" in fig.texts[-1].get_text()  # the caption names both detectors
 
 
 def test_the_d3_name_is_the_study_presets_data():
