@@ -519,7 +519,8 @@ def _add_detector_flags(group) -> None:
              "fused": _parse_tristate, "detections_per_img": _parse_optional_int,
              "score_thresh": _parse_optional_float, "crowd_iof_thresh": float,
              "pretrained_backbone": _parse_optional_str, "rpn_pre_nms_top_n_train": _parse_optional_int,
-             "rpn_post_nms_top_n_train": _parse_optional_int, "box_batch_size_per_image": _parse_optional_int}
+             "rpn_post_nms_top_n_train": _parse_optional_int, "box_batch_size_per_image": _parse_optional_int,
+             "head_norm": _parse_optional_str}
     for f in dataclasses.fields(DetectorConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = _DETECTOR_HELP.get(f.name, "DetectorConfig field (JSON value)")

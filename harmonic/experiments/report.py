@@ -29,7 +29,7 @@ from harmonic.evaluation.figures import plot_score_vs_iou
 from harmonic.experiments.figures import plot_metric_vs_param
 from harmonic.experiments.readme import replace_block
 from harmonic.models.head_loss import HarmonicOptions
-from harmonic.theory.reported import ABLATION, ABLATION_VARIANTS, MAIN_TABLE
+from harmonic.theory.reported import ABLATION, ABLATION_AP75, ABLATION_VARIANTS, MAIN_TABLE
 from harmonic.utils.figures import save_figure
 from harmonic.utils.files import atomic_write_json, atomic_write_text
 from harmonic.utils.runlog import find_log, read_log
@@ -336,6 +336,12 @@ def load_sweep_runs(results_dir: str | Path, sweeps) -> list[Run]:
     runs = [r for r in load_runs(runs_dir) if r.sweep in wanted]
     if not runs:
         raise FileNotFoundError(f"no finished runs of sweeps {list(sweeps)} under {runs_dir}: run notebook 03 first")
+    seen: dict[tuple[str, int], Run] = {}
+    for run in runs:  # pairing is by (variant, seed): two sweeps that each ran one would pair the wrong runs
+        other = seen.setdefault((run.variant, run.seed), run)
+        if other is not run:
+            raise ValueError(f"sweeps {list(sweeps)} hold variant {run.variant!r} seed {run.seed} twice ({other.folder.name} "
+                             f"and {run.folder.name}): report such sweeps apart, each against its own baseline")
     return runs
 
 
@@ -409,18 +415,19 @@ def holds_ablation(runs: list[Run]) -> bool:
     return "baseline" in have and sum(variant in have for variant in ABLATION_VARIANTS.values()) >= 2
 
 
-def markdown_ablation(runs: list[Run], metric: str = "AP", confidence: float = 0.95) -> str:
+def markdown_ablation(runs: list[Run], confidence: float = 0.95) -> str:
     """The paper's cumulative ablation (Faster R-CNN R50-FPN, COCO val [R]) row by row beside the runs'
     variants of the same meaning (:data:`harmonic.theory.reported.ABLATION_VARIANTS`): each row's AP and its
     step over the row before, the paper's [R] and ours [D] (mean ± sd over seeds; the step as a paired
     difference with its 95% interval and minimum detectable effect, and the whole method so far against the
     baseline). A sentence saying so when the runs hold fewer than two of the rows or no baseline
-    (:func:`holds_ablation`)."""
+    (:func:`holds_ablation`). AP only: the paper's rows are AP."""
     if not holds_ablation(runs):
         return ("These sweeps hold fewer than two of the paper's ablation rows with their baseline, so there is no "
                 "ablation to set beside the paper's [D].")
     have = {r.variant for r in runs}
     rows = [(name, paper, ABLATION_VARIANTS[name]) for name, paper in ABLATION]
+    metric = "AP"
     scale, digits = _scale(metric)
     summary = summarize(runs, metrics=(metric,))
 
@@ -442,7 +449,7 @@ def markdown_ablation(runs: list[Run], metric: str = "AP", confidence: float = 0
         step = "" if previous is None else f"{paper - previous[1]:+.1f}"
         if variant in have:
             cell = summary[variant][metric]
-            ours = f"{cell['mean'] * scale:.{digits}f}" + ("" if cell["std"] is None else f" ± {cell['std'] * scale:.{digits}f}")
+            ours = _fmt(cell["mean"], scale, digits) + ("" if cell["std"] is None else f" ± {_fmt(cell['std'], scale, digits)}")
             our_step = "" if previous is None else (paired(variant, previous[2]) if previous[2] in have else "n/a")
             against = "" if variant == "baseline" else paired(variant, "baseline")
         else:
@@ -539,11 +546,14 @@ def markdown_assumptions(runs: list[Run]) -> str:
 
 
 _PAPER_ABLATION = dict(ABLATION)
+_RETINANET = next(row for row in MAIN_TABLE if row.detector.startswith("RetinaNet"))
 
 
 def _ablation_step(row: str) -> str:
     """The AP gain the paper reports for ablation row ``row`` over the row before it [R], as text."""
     names = [name for name, _ in ABLATION]
+    if names.index(row) == 0:
+        raise ValueError(f"the ablation's first row {row!r} has no step over a row before it")
     before = names[names.index(row) - 1]
     return f"{_PAPER_ABLATION[row] - _PAPER_ABLATION[before]:+.1f}"
 
@@ -553,11 +563,13 @@ def _ablation_step(row: str) -> str:
 #: as the report's runs build it: Harmonic + HIoU by default, + task-contrasting in the Faster R-CNN ablation).
 #: The ablation's numbers are Faster R-CNN's [R]; the test here is on the runs' own detector (:func:`setting_label`).
 CLAIMS: tuple[tuple[str, str, str | None, str, str, int], ...] = (
-    ("Harmonic + HIoU raises AP (RetinaNet R50, COCO test-dev: +1.5)", "[R]", "harmonic_hiou", "baseline", "AP", +1),
+    (f"Harmonic + HIoU raises AP (RetinaNet R50, COCO test-dev: {_RETINANET.gain:+.1f})", "[R]", "harmonic_hiou",
+     "baseline", "AP", +1),
     ("Harmonic + HIoU raises AP, with beta_c from the ground-truth probability (a softmax head's beta_c)", "[R]",
      "harmonic_hiou_gt_prob", "baseline", "AP", +1),
     ("Harmonic + HIoU raises AP, on GroupNorm heads", "[R]", "harmonic_hiou_gn", "baseline_gn", "AP", +1),
-    ("Harmonic + HIoU raises AP75 (ablation: 40.7 to 42.7)", "[R]", "harmonic_hiou", "baseline", "AP75", +1),
+    (f"the method raises AP75 (ablation: {ABLATION_AP75[0]:.1f} to {ABLATION_AP75[1]:.1f}, row unclear)", "[R]", None,
+     "baseline", "AP75", +1),
     (f"the harmonic loss alone raises AP (ablation: {_ablation_step('+ Harmonic')})", "[R]", "harmonic", "baseline",
      "AP", +1),
     (f"the task-contrasting term raises AP, given the factors (ablation: {_ablation_step('+ task-contrasting')})", "[R]",
@@ -574,7 +586,7 @@ CLAIMS: tuple[tuple[str, str, str | None, str, str, int], ...] = (
      None, "baseline", "inconsistent_share", -1),
     ("NMS keeps the best box more often", "[A]", None, "baseline", "nms_best_box_rate", +1),
 )
-#: Eq. 9's "basically always true during training" [S], read from the runs of ``harmonic_hiou`` [D]: it is
+#: Eq. 9's "basically always true during training" [S], read from the runs of the report's main variant [D]: it is
 #: contradicted when in every run more than this share of the positives has dF/dx < 0 over the last fifth of
 #: training, supported when in none, undecided otherwise
 ASSUMPTION_TOLERANCE = 0.01

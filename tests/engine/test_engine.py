@@ -340,6 +340,15 @@ def test_two_stage_sampling_flags_reach_the_detector_config(capsys):
     assert info.value.code == 2 and "box_batch_size_per_image applies to arch in" in capsys.readouterr().err
 
 
+def test_head_norm_flag_takes_the_values_its_help_names(capsys):
+    for text, value in (("gn", "gn"), ("none", None)):
+        assert main(["train", "--preset", "shapes-study", "--head-norm", text, "--print-config"]) == 0
+        assert json.loads(capsys.readouterr().out)["detector"].get("head_norm") == value
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--preset", "shapes-study", "--head-norm", "bn", "--print-config"])
+    assert info.value.code == 2 and "head_norm" in capsys.readouterr().err
+
+
 def test_precision_resolution(monkeypatch):
     from harmonic.engine import precision as prec
 

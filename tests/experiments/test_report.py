@@ -169,6 +169,10 @@ def test_load_sweep_runs_keeps_the_sweeps_and_refuses_none(tmp_path):
     assert [r.name for r in load_sweep_runs(tmp_path, ("other",))] == ["x0"]
     with pytest.raises(FileNotFoundError, match=r"no finished runs of sweeps \['nope'\]"):
         load_sweep_runs(tmp_path, ["nope"])
+    # two sweeps that each ran the baseline with seed 1 cannot be reported together: pairs by seed would mix them
+    _fake_run(tmp_path, "y1", "baseline", 1, 0.5, sweep="t")
+    with pytest.raises(ValueError, match=r"variant 'baseline' seed 1 twice \(x0 and y1\)"):
+        load_sweep_runs(tmp_path, ["other", "t"])
 
 
 def test_markdown_runs_shows_each_run_as_recorded(runs_dir):
@@ -556,6 +560,9 @@ def test_the_ablation_report_sets_the_papers_rows_beside_ours_and_judges_its_own
     assert (whole["variant"], whole["reference"], whole["verdict"]) == ("harmonic_tc_hiou", "baseline", "supports")
     assert rows["a plain IoU loss raises AP, given the factors and task-contrasting"]["verdict"] == "contradicts"
     assert rows["the loss makes scores rank boxes by their IoU"]["variant"] == "harmonic_tc_hiou"
+    ap75 = rows["the method raises AP75"]  # the paper's AP75 is the ablation's: read from the main variant
+    assert (ap75["variant"], ap75["metric"], ap75["verdict"]) == ("harmonic_tc_hiou", "AP75", "supports")
+    assert "harmonic_hiou" not in {row["variant"] for row in claims(runs, main_variant="harmonic_tc_hiou")}
     eq9 = rows['Eq. 9: dF/dx > 0 is "basically always true during training"']
     assert eq9["variant"] == "harmonic_tc_hiou" and eq9["verdict"] == "contradicts" and eq9["mean"] == pytest.approx(0.02)
     assert not [row for row in claims(runs) if row["metric"] == "reversed share"]  # harmonic_hiou has no runs here

@@ -618,3 +618,6 @@ def test_two_stage_sampling_reaches_torchvision_and_is_refused_elsewhere():
         DetectorConfig(arch="retinanet", box_batch_size_per_image=16, **small)
     with pytest.raises(ValueError, match="rpn_post_nms_top_n_train must be None or an int >= 1"):
         DetectorConfig(arch="mask_rcnn", rpn_post_nms_top_n_train=0, **small)
+    for bad in (True, 2.0, "500"):  # a bool is not a count, nor a float or a string
+        with pytest.raises(ValueError, match="rpn_pre_nms_top_n_train must be None or an int >= 1"):
+            DetectorConfig(arch="faster_rcnn", rpn_pre_nms_top_n_train=bad, **small)
