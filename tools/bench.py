@@ -34,6 +34,10 @@ Sections:
   the issue's targets (time at most 1.03 times, peak memory no higher). ``--quick``: the small detector
   at 64 px only.
 
+* ``engine_step``, ``amp_modes``, ``precision_accuracy``: the engine's step against the plain float32 loop, the
+  autocast modes side by side, and the full-run accuracy check of the fast path (see their functions).
+* ``step_breakdown``: the engine's step and the plain loop profiled, their time split into convolutions, the
+  SGD step, copies and the rest, with the engine/plain ratio that would remain if convolutions were free.
 The machine's load average before and after each section is recorded beside its results: on a shared
 machine it explains most of the spread between runs.
 """
@@ -72,6 +76,7 @@ __all__ = [
     "train_step_settings",
     "engine_step_section",
     "precision_accuracy_section",
+    "step_breakdown_section",
 ]
 
 #: the issue's targets for the fused path (forward + backward), reported beside the measured ratios
@@ -1051,12 +1056,102 @@ def amp_modes_section(config: BenchConfig) -> dict[str, Any]:
     }
 
 
+#: the profiler's names of the convolution kernels (forward and backward, every CPU backend); what the
+#: step breakdown counts as convolution time
+CONV_OPS = frozenset({"aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+                      "aten::_slow_conv2d_backward", "aten::thnn_conv2d", "aten::_nnpack_spatial_convolution",
+                      "aten::slow_conv_dilated2d", "aten::mkldnn_convolution_backward"})
+#: copies between tensors: autocast's casts of the weights and activations (and their gradients back), the
+#: images copied into the padded batch
+COPY_OPS = frozenset({"aten::copy_", "aten::_to_copy"})
+BREAKDOWN_PARTS = ("convolution", "optimizer", "copies", "other")
+
+
+def breakdown_ms(events) -> dict[str, float]:
+    """Partition the self CPU time of a profile's ``events`` (``torch.profiler.profile().events()``) into
+    :data:`BREAKDOWN_PARTS`, in milliseconds: every op under an ``Optimizer.step`` record is "optimizer",
+    else :data:`CONV_OPS` are "convolution", :data:`COPY_OPS` "copies", and the rest "other" (the loss, the
+    heads' box coding and matching, elementwise ops, autograd and Python between ops, the profiler's own
+    cost per op). The parts sum to the total self time."""
+    parts = dict.fromkeys(BREAKDOWN_PARTS, 0.0)
+    for event in events:
+        node, in_optimizer = event, False
+        while node is not None:
+            if node.name.startswith("Optimizer.step"):
+                in_optimizer = True
+                break
+            node = node.cpu_parent
+        part = ("optimizer" if in_optimizer else "convolution" if event.name in CONV_OPS
+                else "copies" if event.name in COPY_OPS else "other")
+        parts[part] += event.self_cpu_time_total / 1000.0
+    return parts
+
+
+def step_breakdown_section(config: BenchConfig) -> dict[str, Any]:
+    """Where the time of a training step goes, the engine's step against the plain float32 loop (the
+    steps of :func:`engine_step_section`, baseline loss): each profiled with ``torch.profiler`` over
+    ``repeats`` steps after warm-up, its self CPU time split by :func:`breakdown_ms`. The summary gives each
+    part's share and the engine/plain ratio the engine could reach at most if its convolutions cost
+    nothing (the plain step's profiled time over the engine's without its convolutions): the bound the
+    other parts put on the throughput target. CPU only: on CUDA the CPU profile does not measure the
+    kernels' time (the section is then empty, with a note)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(config.device)
+    if device.type != "cpu":
+        return {"title": "where a training step's time goes (CPU profile)", "rows": [], "summary": [],
+                "notes": [f"skipped on {device.type}: the CPU profiler does not time the device's kernels"]}
+    rows: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    for setting in train_step_settings(config):
+        name = setting["name"]
+        images, targets = _setting_batch(setting, device, config.seed)
+        models = _step_models(setting["detector"], device, config.seed,
+                              variants={variant: {"loss": "baseline"} for variant in ("plain", "engine")})
+        losses: dict[str, list[float]] = {"plain": [], "engine": []}
+        steps = {"plain": _plain_step_function(models["plain"], images, targets, losses["plain"]),
+                 "engine": _engine_step_function(models["engine"], images, targets, device, losses["engine"])}
+        per_step: dict[str, dict[str, float]] = {}
+        for variant, step in steps.items():
+            for _ in range(config.warmup):
+                step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(config.repeats):
+                    step()
+            per_step[variant] = {part: ms / config.repeats for part, ms in breakdown_ms(prof.events()).items()}
+            total = sum(per_step[variant].values())
+            rows.append({"setting": name, "variant": variant, "total_ms": total,
+                         **{f"{part}_ms": per_step[variant][part] for part in BREAKDOWN_PARTS},
+                         **{f"{part}_share": per_step[variant][part] / total for part in BREAKDOWN_PARTS}})
+        plain_total, engine_total = (sum(per_step[v].values()) for v in ("plain", "engine"))
+        summary.append({
+            "setting": name, "profiled_engine_over_plain_images_per_s": plain_total / engine_total,
+            **{f"engine_{part}_share": per_step["engine"][part] / engine_total for part in BREAKDOWN_PARTS},
+            "plain_convolution_share": per_step["plain"]["convolution"] / plain_total,
+            "engine_over_plain_bound_without_convolutions": plain_total / (engine_total - per_step["engine"]["convolution"]),
+        })
+        del models, steps, images, targets
+    return {
+        "title": "where a training step's time goes: the engine's step and the plain loop, profiled",
+        "rows": rows,
+        "summary": summary,
+        "notes": ["self CPU time per step from torch.profiler, mean over the profiled steps; the profiler adds a "
+                  "small cost per op (in 'other'), so its engine/plain ratio can differ from engine_step's timing",
+                  "optimizer = everything under SGD's step (both steps use torch's per-parameter implementation on "
+                  "the CPU); copies = aten::copy_ and aten::_to_copy outside it (autocast's casts among them)",
+                  "bound without convolutions = plain time / (engine time - engine convolution time): the engine's "
+                  "throughput over the plain loop's if its convolutions took no time at all"],
+        "settings": {"detectors": {s["name"]: s["detector"] for s in train_step_settings(config)}, **asdict(config)},
+    }
+
+
 SECTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "dense_loss": dense_loss_section,
     "train_step": train_step_section,
     "engine_step": engine_step_section,
     "amp_modes": amp_modes_section,
     "precision_accuracy": precision_accuracy_section,
+    "step_breakdown": step_breakdown_section,
 }
 
 
@@ -1265,6 +1360,19 @@ def readme_markdown(result: dict, json_path: Path) -> str:
             gain = "n/a" if row.get("fused_optimizer_gain") is None else f"{row['fused_optimizer_gain']:.2f}"
             lines.append(f"| {row['setting']} | {row['autocast_dtype']} | {row['channels_last']} | "
                          f"{row.get('fused_optimizer', 'n/a')} | {row['engine_over_plain_images_per_s']:.2f} | {gain} | {peak} |")
+        lines.append("")
+    breakdown = result["sections"].get("step_breakdown")
+    if breakdown and breakdown["summary"]:
+        lines += ["Where a step's time goes (`step_breakdown`: each step profiled with `torch.profiler`, its self CPU "
+                  "time split into parts): shares of the engine's step, the plain loop's convolution share, and the "
+                  "engine/plain ratio the engine would reach if its convolutions took no time at all.", "",
+                  "| setting | engine: convolutions | SGD step | copies and casts | the rest | plain: convolutions | "
+                  "engine / plain, profiled | at most, convolutions free |", "|---|---|---|---|---|---|---|---|"]
+        for row in breakdown["summary"]:
+            lines.append(f"| {row['setting']} | " + " | ".join(
+                f"{row[f'engine_{part}_share']:.0%}" for part in BREAKDOWN_PARTS)
+                + f" | {row['plain_convolution_share']:.0%} | {row['profiled_engine_over_plain_images_per_s']:.2f} | "
+                f"{row['engine_over_plain_bound_without_convolutions']:.2f} |")
         lines.append("")
     modes = result["sections"].get("amp_modes")
     if modes:

@@ -218,3 +218,41 @@ def bench_native_bf16() -> bool:
     from harmonic.utils.devices import native_bf16
 
     return native_bf16(torch.device("cpu"))
+
+
+def test_breakdown_partitions_self_time_by_the_nearest_optimizer_step():
+    from types import SimpleNamespace
+
+    def event(name, ms, parent=None):
+        return SimpleNamespace(name=name, self_cpu_time_total=ms * 1000.0, cpu_parent=parent)
+
+    step = event("Optimizer.step#SGD.step", 1.0)
+    inner = event("aten::add_", 4.0, step)
+    events = [event("aten::mkldnn_convolution", 10.0), event("aten::convolution_backward", 5.0), step, inner,
+              event("aten::copy_", 2.0, inner),  # a copy inside the optimizer is the optimizer's
+              event("aten::_to_copy", 3.0), event("aten::sigmoid", 0.5)]
+    parts = bench.breakdown_ms(events)
+    assert parts == pytest.approx({"convolution": 15.0, "optimizer": 7.0, "copies": 3.0, "other": 0.5})
+    assert list(parts) == list(bench.BREAKDOWN_PARTS)
+
+
+def test_step_breakdown_section_profiles_both_steps_and_bounds_the_ratio(keep_threads):
+    torch.set_num_threads(1)
+    config = bench.BenchConfig.for_run(device="cpu", quick=True)
+    section = bench.step_breakdown_section(config)
+    rows = {row["variant"]: row for row in section["rows"]}
+    assert set(rows) == {"plain", "engine"}
+    for row in rows.values():
+        assert row["total_ms"] == pytest.approx(sum(row[f"{part}_ms"] for part in bench.BREAKDOWN_PARTS))
+        assert sum(row[f"{part}_share"] for part in bench.BREAKDOWN_PARTS) == pytest.approx(1.0)
+        assert row["convolution_ms"] > 0 and row["optimizer_ms"] > 0  # a real step convolves and takes an SGD step
+    (summary,) = section["summary"]
+    plain, engine = rows["plain"]["total_ms"], rows["engine"]["total_ms"]
+    assert summary["profiled_engine_over_plain_images_per_s"] == pytest.approx(plain / engine)
+    assert summary["engine_over_plain_bound_without_convolutions"] == pytest.approx(
+        plain / (engine - rows["engine"]["convolution_ms"]))
+    assert summary["engine_over_plain_bound_without_convolutions"] > summary["profiled_engine_over_plain_images_per_s"]
+    text = bench.readme_markdown({"provenance": {"device": {"device": "cpu"}}, "sections": {
+        "step_breakdown": {**section, "machine": {"torch_threads": 1}}}}, bench.Path("bench.json"))
+    assert f"{summary['engine_over_plain_bound_without_convolutions']:.2f} |" in text and "| shapes_cpu |" in text
+    assert bench.step_breakdown_section(bench.BenchConfig.for_run(device="meta", quick=True))["rows"] == []
