@@ -252,6 +252,9 @@ def test_step_breakdown_section_profiles_both_steps_and_bounds_the_ratio(keep_th
     assert summary["engine_over_plain_bound_without_convolutions"] == pytest.approx(
         plain / (engine - rows["engine"]["convolution_ms"]))
     assert summary["engine_over_plain_bound_without_convolutions"] > summary["profiled_engine_over_plain_images_per_s"]
+    assert summary["convolution_plain_over_engine"] == pytest.approx(rows["plain"]["convolution_ms"] / rows["engine"]["convolution_ms"])
+    assert summary["rest_plain_over_engine"] == pytest.approx(
+        (plain - rows["plain"]["convolution_ms"]) / (engine - rows["engine"]["convolution_ms"]))
     text = bench.readme_markdown({"provenance": {"device": {"device": "cpu"}}, "sections": {
         "step_breakdown": {**section, "machine": {"torch_threads": 1}}}}, bench.Path("bench.json"))
     assert f"{summary['engine_over_plain_bound_without_convolutions']:.2f} |" in text and "| shapes_cpu |" in text
