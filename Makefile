@@ -21,7 +21,7 @@ help:
 	@echo "                PROFILE=coco COCO_ROOT=... or PROFILE=voc VOC_ROOT=VOCdevkit; DRY_RUN=1 checks the data"
 	@echo "                PROFILE=quick: a first look in minutes; PROFILE=long: the default study at twice the length"
 	@echo "                PROFILE=faster_rcnn: the paper's ablation on Faster R-CNN (about two hours here)"
-	@echo "                PROFILE=faster_rcnn_long: its baseline and whole method at 4800 iterations (about 100 minutes)"
+	@echo "                PROFILE=faster_rcnn_long: its baseline and whole method at 4800 iterations (about 2.5 hours)"
 	@echo "make lab        JupyterLab on localhost with the project's kernel"
 	@echo "make bench      loss and training-step benchmarks -> results/bench.json"
 	@echo "make gpu-check  on a CUDA machine: CUDA tests, GPU bench, a short training run -> results/gpu_check.json"

@@ -105,7 +105,7 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
                                    ("harmonic + TC + HIoU", "harmonic_tc_hiou"))}})],
         "05_results": [("05_results", {"sweeps": ["faster_rcnn_ablation"], "main_variant": "harmonic_tc_hiou"})],
     },
-    # the whole method against the baseline on Faster R-CNN at 4800 iterations (about 100 minutes on the 2-core
+    # the whole method against the baseline on Faster R-CNN at 4800 iterations, 6 seeds (about 2.5 hours on the 2-core
     # CPU): runs beside the default's, the rest in results_dir/faster_rcnn_long
     "faster_rcnn_long": {
         "03_train_eval": _training_entries("faster_rcnn_long"),
