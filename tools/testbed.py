@@ -407,8 +407,13 @@ def paired_loss_contrasts(records: list[dict[str, Any]], confidence: float = 0.9
 #: from them: the baseline and the method as the paper's ablation builds it
 FRONTIER_STUDIES = {"faster_rcnn_ablation": ("baseline", "harmonic_tc_hiou"),
                     "faster_rcnn_long": ("baseline", "harmonic_tc_hiou")}
-ARCH_NAMES = {"faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN", "fcos": "FCOS", "ssd": "SSD",
-              "refinedet": "RefineDet"}
+
+
+def _arch_name(arch: str) -> str:
+    """A detector's name as the report writes it (``report.ARCH_NAMES``)."""
+    from harmonic.experiments.report import ARCH_NAMES
+
+    return ARCH_NAMES.get(arch, arch)
 
 
 def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "default",
@@ -439,7 +444,7 @@ def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "defau
         arch = detector.get("arch", "retinanet")
         if arch != "retinanet":  # its own line in the figure, never joined to RetinaNet's
             setting["arch"] = arch
-            setting["loss"] = f"{ARCH_NAMES.get(arch, arch)} {setting['loss']}"
+            setting["loss"] = f"{_arch_name(arch)} {setting['loss']}"
         by_setting.setdefault(json.dumps(setting, sort_keys=True), []).append({
             "name": run.name, "seed": run.seed, **{m: 100 * run.metrics[m] for m in ("AP", "AP50", "AP75")},
             "train_minutes": sum(r["time"] for r in log) / 60,
@@ -503,7 +508,7 @@ def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: i
             series.setdefault(g["loss"], []).append(g)
     for g in rows:
         if "variant" in g:
-            base = g["variant"] if "arch" not in g else f"{ARCH_NAMES.get(g['arch'], g['arch'])} {g['variant']}"
+            base = g["variant"] if "arch" not in g else f"{_arch_name(g['arch'])} {g['variant']}"
             # another detector's variants make their own line across the lengths of its studies
             joins = (base in series or "arch" in g) and all(other["iters"] != g["iters"] for other in series.get(base, []))
             series.setdefault(base if joins else g["loss"], []).append(g)
@@ -521,7 +526,7 @@ def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: i
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.minorticks_off()
     ax.set_title("the test bed's frontier: AP against training length [D]", fontsize=10)
-    detectors = "RetinaNet" + "".join(sorted({f" and {ARCH_NAMES.get(g['arch'], g['arch'])}" for g in rows if "arch" in g}))
+    detectors = "RetinaNet" + "".join(sorted({f" and {_arch_name(g['arch'])}" for g in rows if "arch" in g}))
     caption(fig, f"{detectors} R18-FPN, shapes-pretrained backbone, shapes-study data, 160 px, lr 0.02, bfloat16, "
                  "2-core CPU")
     return finish(fig, path, dpi)

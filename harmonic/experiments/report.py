@@ -402,7 +402,7 @@ def markdown_paper(summary, diffs, baseline: str = "baseline", main_variant: str
     return "\n".join(lines)
 
 
-_ARCH_NAMES = {"retinanet": "RetinaNet", "fcos": "FCOS", "faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN",
+ARCH_NAMES = {"retinanet": "RetinaNet", "fcos": "FCOS", "faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN",
                "ssd": "SSD", "refinedet": "RefineDet"}
 _BACKBONE_NAMES = {"resnet18_fpn": "R18-FPN", "resnet50_fpn": "R50-FPN", "mobilenet_v3_fpn": "MobileNetV3-FPN",
                    "vgg16": "VGG16"}
@@ -470,7 +470,7 @@ def setting_label(runs: list[Run] | None) -> tuple[str, str]:
         detector = config["detector"]
     except (TypeError, IndexError, OSError, KeyError, ValueError):
         return "our detector", "our data, val"
-    arch = _ARCH_NAMES.get(detector.get("arch"), str(detector.get("arch")))
+    arch = ARCH_NAMES.get(detector.get("arch"), str(detector.get("arch")))
     backbone = _BACKBONE_NAMES.get(detector.get("backbone"), str(detector.get("backbone")))
     pretrained = detector.get("pretrained_backbone")
     origin = {None: "from scratch", "imagenet": "ImageNet backbone", "shapes": "shapes-pretrained backbone"}.get(

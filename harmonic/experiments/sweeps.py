@@ -100,6 +100,13 @@ class Sweep:
 #: shapes-pretrained backbone, 2400 iterations; four seeds, so the sweeps' runs pair by seed
 TEST_BED: dict[str, Any] = {"preset": "shapes-study"}
 TEST_BED_SEEDS = (0, 1, 2, 3)
+#: twice the test bed's length, the shapes-study decays scaled to it (the long sweeps' train_overrides)
+LONG_SCHEDULE: dict[str, Any] = {"max_iters": 4800, "lr_steps": [3682, 4478]}
+#: Faster R-CNN on the test bed (the faster_rcnn sweeps' arch_overrides): one anchor of 2 x stride per level
+#: and the training sampling sized to its images (the faster_rcnn_ablation sweep's comment says why)
+FASTER_RCNN_TEST_BED: dict[str, dict[str, Any]] = {"faster_rcnn": {
+    "anchor_sizes": [[8], [16], [32], [64], [128]], "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,
+    "box_batch_size_per_image": 128}}
 
 SWEEPS: dict[str, Sweep] = {
     s.name: s
@@ -149,7 +156,7 @@ SWEEPS: dict[str, Sweep] = {
         # baseline about twice the AP, detections scoring above 0.5 and few positives with y > 1.2785 [D]. Its
         # own baseline: report it alone (make reproduce PROFILE=long: notebooks 04 and 05 into results/long)
         Sweep("long", ("baseline", "harmonic_hiou", "harmonic_hiou_detached"), seeds=TEST_BED_SEEDS,
-              parameters={**TEST_BED, "train_overrides": {"max_iters": 4800, "lr_steps": [3682, 4478]}},
+              parameters={**TEST_BED, "train_overrides": LONG_SCHEDULE},
               description="the default study at 4800 iterations (the shapes-study decays scaled to the length)"),
         # the paper's ablation detector [R]: softmax cross-entropy makes beta_c = p exactly (Eq. 4). Its RPN
         # and RoI heads on the same backbone, data and schedule; one anchor of 2 x stride per FPN level
@@ -160,9 +167,7 @@ SWEEPS: dict[str, Sweep] = {
         # torchvision's sampling, 0.22 s with this one, so the 20 runs take about two hours two at a time, not five
         Sweep("faster_rcnn_ablation", ("baseline", "harmonic", "harmonic_tc", "harmonic_tc_iou", "harmonic_tc_hiou"),
               seeds=TEST_BED_SEEDS, archs=("faster_rcnn",), parameters=TEST_BED,
-              arch_overrides={"faster_rcnn": {"anchor_sizes": [[8], [16], [32], [64], [128]],
-                                              "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,
-                                              "box_batch_size_per_image": 128}},
+              arch_overrides=FASTER_RCNN_TEST_BED,
               description="the paper's ablation rows [R] on Faster R-CNN R18-FPN on the test bed"),
         # the paper's whole method against the baseline on Faster R-CNN at twice the length (4800 iterations,
         # the long sweep's schedule), where the baseline is further from its start: does the ablation's verdict
@@ -170,10 +175,8 @@ SWEEPS: dict[str, Sweep] = {
         # PROFILE=faster_rcnn_long: notebooks 04 and 05 into results/faster_rcnn_long). Six seeds: at four, three
         # pairs agreed within 0.3 AP and one differed by 3.0, which left the interval too wide to decide [D]
         Sweep("faster_rcnn_long", ("baseline", "harmonic_tc_hiou"), seeds=(0, 1, 2, 3, 4, 5), archs=("faster_rcnn",),
-              parameters={**TEST_BED, "train_overrides": {"max_iters": 4800, "lr_steps": [3682, 4478]}},
-              arch_overrides={"faster_rcnn": {"anchor_sizes": [[8], [16], [32], [64], [128]],
-                                              "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,
-                                              "box_batch_size_per_image": 128}},
+              parameters={**TEST_BED, "train_overrides": LONG_SCHEDULE},
+              arch_overrides=FASTER_RCNN_TEST_BED,
               description="baseline vs the paper's whole method (Harmonic + TC + HIoU) on Faster R-CNN R18-FPN, "
               "4800 iterations"),
         # the former default study: RetinaNet R18-FPN from scratch on the harder shapes data, 3000 iterations
