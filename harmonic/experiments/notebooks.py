@@ -14,8 +14,9 @@ tests run); it writes under ``results/smoke`` unless ``--results-dir`` says othe
 overwrites the real results. ``long`` is the default study at twice the length: its runs go beside the
 default's (``results/runs``), its other notebooks, figures, report and timing to ``results/long``
 (``OUTPUT_SUBDIRS``, passed as ``output_dir``); ``faster_rcnn``, the paper's ablation on Faster R-CNN, likewise
-into ``results/faster_rcnn``, and ``faster_rcnn_long``, its baseline and whole method at twice the length, into
-``results/faster_rcnn_long``. To add a notebook, add one line to each profile.
+into ``results/faster_rcnn``, ``faster_rcnn_long``, its baseline and whole method at twice the length, into
+``results/faster_rcnn_long``, and ``faster_rcnn_data``, the same on ten times the training images, into
+``results/faster_rcnn_data``. To add a notebook, add one line to each profile.
 
 Notebooks run with ``kernel_name="python3"`` and the repository root as working directory. The parameters
 ``results_dir``, ``coco_root`` and ``voc_root`` (from ``--results-dir`` / ``--coco-root`` / ``--voc-root``)
@@ -56,6 +57,18 @@ def _convergence(sweep_name: str) -> dict[str, Any]:
     if "harmonic_hiou_detached" in SWEEPS[sweep_name].variants:
         runs["harmonic + HIoU, detached"] = f"{sweep_name}-harmonic_hiou_detached-s0"
     return {"runs": runs}
+
+
+def _faster_rcnn_pair(sweep_name: str) -> dict[str, list[Entry]]:
+    """A Faster R-CNN side profile of two variants, the baseline and the paper's whole method (Harmonic +
+    task-contrasting + HIoU, the variant its verdict is about); notebook 04 draws their seed 0."""
+    return {
+        "03_train_eval": _training_entries(sweep_name),
+        "04_convergence": [("04_convergence", {"runs": {
+            label: f"{sweep_name}-faster_rcnn-{variant}-s0"
+            for label, variant in (("baseline", "baseline"), ("harmonic + TC + HIoU", "harmonic_tc_hiou"))}})],
+        "05_results": [("05_results", {"sweeps": [sweep_name], "main_variant": "harmonic_tc_hiou"})],
+    }
 
 
 PROFILES: dict[str, dict[str, list[Entry]]] = {
@@ -107,13 +120,9 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
     },
     # the whole method against the baseline on Faster R-CNN at 4800 iterations, 6 seeds (about 2.5 hours on the 2-core
     # CPU): runs beside the default's, the rest in results_dir/faster_rcnn_long
-    "faster_rcnn_long": {
-        "03_train_eval": _training_entries("faster_rcnn_long"),
-        "04_convergence": [("04_convergence", {"runs": {
-            label: f"faster_rcnn_long-faster_rcnn-{variant}-s0"
-            for label, variant in (("baseline", "baseline"), ("harmonic + TC + HIoU", "harmonic_tc_hiou"))}})],
-        "05_results": [("05_results", {"sweeps": ["faster_rcnn_long"], "main_variant": "harmonic_tc_hiou"})],
-    },
+    "faster_rcnn_long": _faster_rcnn_pair("faster_rcnn_long"),
+    # the same pair on ten times the training images, 4 seeds (about 1.7 hours): the rest in results_dir/faster_rcnn_data
+    "faster_rcnn_data": _faster_rcnn_pair("faster_rcnn_data"),
     # VOC07+12 trainval -> VOC07 test (make reproduce PROFILE=voc VOC_ROOT=VOCdevkit)
     "voc": {
         "03_train_eval": _training_entries("voc"),
@@ -122,11 +131,12 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
     },
 }
 DEFAULT_RESULTS_DIRS = {"default": "results", "quick": "results/quick", "smoke": "results/smoke", "coco": "results/coco", "voc": "results/voc",
-                        "long": "results", "faster_rcnn": "results", "faster_rcnn_long": "results"}
+                        "long": "results", "faster_rcnn": "results", "faster_rcnn_long": "results", "faster_rcnn_data": "results"}
 # Profiles whose training runs sit beside the default's (results_dir/runs, so they pair with the sweeps run
 # there) while their other executed notebooks, figures, report and timing go to results_dir/<subdir>: the
 # notebooks that declare ``output_dir`` get that folder, so the default's report and figures stay as they are.
-OUTPUT_SUBDIRS = {"long": "long", "faster_rcnn": "faster_rcnn", "faster_rcnn_long": "faster_rcnn_long"}
+OUTPUT_SUBDIRS = {"long": "long", "faster_rcnn": "faster_rcnn", "faster_rcnn_long": "faster_rcnn_long",
+                  "faster_rcnn_data": "faster_rcnn_data"}
 # Parameters filled from the command line, for the notebooks that declare them.
 COMMAND_LINE_PARAMETERS = ("results_dir", "coco_root", "voc_root")
 # Profiles that cannot run without a dataset given on the command line: profile -> parameter

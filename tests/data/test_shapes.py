@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -42,6 +43,24 @@ def test_generator_is_deterministic(tmp_path, tiny):
     other = generate_dataset(tmp_path / "other", "shapes-tiny", seed=1)
     assert other["train"][1].read_text() != tiny["train"][1].read_text()
     assert (other["train"][0] / first[0]).read_bytes() != (tiny["train"][0] / first[0]).read_bytes()
+
+
+def test_a_larger_split_extends_the_smaller_one(tmp_path):
+    # an image depends only on (seed, split, index): shapes-study-large's first images are shapes-study's
+    base = dict(image_size=48, min_objects=1, max_objects=2, min_object_size=0.3, max_object_size=0.6)
+    small = generate_dataset(tmp_path / "small", {**base, "num_train": 2, "num_val": 1})
+    large = generate_dataset(tmp_path / "large", {**base, "num_train": 5, "num_val": 3})
+    for split, count in (("train", 2), ("val", 1)):
+        few, many = (json.loads(d[split][1].read_text()) for d in (small, large))
+        assert few["images"] == many["images"][:count]
+        assert few["annotations"] == [a for a in many["annotations"] if a["image_id"] <= count]
+        assert len(many["images"]) > count
+        for image in few["images"]:
+            name = image["file_name"]
+            assert (small[split][0] / name).read_bytes() == (large[split][0] / name).read_bytes()
+    study, study_large = shapes.PRESETS["shapes-study"], shapes.PRESETS["shapes-study-large"]
+    assert dataclasses.replace(study_large, num_train=study.num_train, num_val=study.num_val) == study
+    assert (study_large.num_train, study_large.num_val) == (10 * study.num_train, 4 * study.num_val)
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
