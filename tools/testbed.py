@@ -19,13 +19,16 @@ under ``data/testbed-runs/``.
     python tools/testbed.py frontier
     python tools/testbed.py rewatch NAME...
     python tools/testbed.py pos-iou RUN_DIR...
+    python tools/testbed.py subset-ap RUN_DIR... [--subset shapes-study]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import sys
 import time
@@ -203,6 +206,7 @@ def load_records(records_dir: Path = RECORDS) -> list[dict[str, Any]]:
 
 #: the positives' IoU on the validation images of committed run folders (``pos-iou``), by run name
 POS_IOU = ROOT / "results" / "testbed" / "pos_iou.json"
+SUBSET_AP = ROOT / "results" / "testbed" / "subset_ap.json"
 
 
 def _read_table(path: Path) -> dict[str, Any]:
@@ -239,6 +243,65 @@ def run_pos_iou(run_dirs: list[Path], out: Path = POS_IOU) -> dict[str, Any]:
     return table
 
 
+def _same_images(subset: dict[str, Any], full: dict[str, Any], where: str) -> set[int]:
+    """The image ids of COCO dict ``subset``, after checking that ``full`` holds each of them with the same
+    file name, size and annotations (``where`` names the two files in the error)."""
+    images = {image["id"]: image for image in full["images"]}
+    anns: dict[int, list[dict[str, Any]]] = {}
+    for ann in full["annotations"]:
+        anns.setdefault(ann["image_id"], []).append(ann)
+    ids = set()
+    for image in subset["images"]:
+        if images.get(image["id"]) != image:
+            raise ValueError(f"{where}: image {image['id']} ({image.get('file_name')}) is not the same in both")
+        ids.add(image["id"])
+    for image_id in ids:
+        mine = [a for a in subset["annotations"] if a["image_id"] == image_id]
+        if sorted(json.dumps(a, sort_keys=True) for a in mine) != sorted(json.dumps(a, sort_keys=True) for a in anns.get(image_id, [])):
+            raise ValueError(f"{where}: the annotations of image {image_id} are not the same in both")
+    return ids
+
+
+def run_subset_ap(run_dirs: list[Path], subset: str = "shapes-study", out: Path = SUBSET_AP,
+                  root: Path | None = None) -> dict[str, Any]:
+    """COCO AP, AP50 and AP75 of each run folder's detections (``detections.json.gz``, from its evaluation)
+    on the validation images of ``subset`` (a preset or an annotation file), which must be among the run's own
+    validation images, the same files with the same annotations: e.g. a ``shapes-study-large`` run on
+    exactly the 150 images every ``shapes-study`` run is evaluated on. Merged into ``out`` by run name,
+    rewritten after each run; every folder is checked before the first is measured."""
+    import gzip
+
+    from pycocotools.coco import COCO
+
+    from harmonic.data import resolve_dataset
+    from harmonic.evaluation.coco import coco_evaluate
+    from harmonic.utils.files import atomic_write_json
+
+    for run_dir in run_dirs:
+        for needed in (run_dir / "detections.json.gz", run_dir / "config.json"):
+            if not needed.is_file():
+                raise FileNotFoundError(f"{needed}: missing, so {run_dir} cannot be measured (a sweep's detections "
+                                        "are not committed: evaluate the run here first)")
+    subset_ann = resolve_dataset(subset, "val", root=root)[1]
+    subset_gt = json.loads(subset_ann.read_text())
+    table = _read_table(out)
+    for run_dir in run_dirs:
+        config = json.loads((run_dir / "config.json").read_text())["config"]
+        dataset = config.get("val_dataset") or config["dataset"]
+        run_ann = resolve_dataset(dataset, "val", root=root)[1]
+        ids = _same_images(subset_gt, json.loads(run_ann.read_text()), f"{subset_ann} against {run_ann}")
+        with gzip.open(run_dir / "detections.json.gz", "rt") as f:
+            detections = [d for d in json.load(f) if d["image_id"] in ids]
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO(str(subset_ann))
+        metrics = coco_evaluate(coco_gt, detections)
+        table[run_dir.name] = {"subset": subset, "images": len(ids),
+                               **{m: round(metrics[m], 6) for m in ("AP", "AP50", "AP75")}}
+        atomic_write_json(out, dict(sorted(table.items())))
+        print(run_dir.name, table[run_dir.name], flush=True)
+    return table
+
+
 #: the data sets of docs/testbed.md by their generator overrides (the shapes-study preset's data is D3)
 DATA_NAMES = {
     "{}": "default",
@@ -249,8 +312,8 @@ DATA_NAMES = {
     json.dumps({"max_object_size": 0.7, "max_objects": 2, "max_occlusion": 0.3, "min_object_size": 0.3,
                 "overlap_prob": 0.3}, sort_keys=True): "D4",
 }
-#: the named data presets by the names above
-PRESET_DATA = {"shapes": "default", "shapes-study": "D3"}
+#: the named data presets by the names above (shapes-study-large: D3 with 6000 training and 600 validation images)
+PRESET_DATA = {"shapes": "default", "shapes-study": "D3", "shapes-study-large": "D3-large"}
 
 
 def loss_variant(detector: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -406,7 +469,8 @@ def paired_loss_contrasts(records: list[dict[str, Any]], confidence: float = 0.9
 #: the detectors other than RetinaNet whose committed sweeps the frontier draws, and the variants it takes
 #: from them: the baseline and the method as the paper's ablation builds it
 FRONTIER_STUDIES = {"faster_rcnn_ablation": ("baseline", "harmonic_tc_hiou"),
-                    "faster_rcnn_long": ("baseline", "harmonic_tc_hiou")}
+                    "faster_rcnn_long": ("baseline", "harmonic_tc_hiou"),
+                    "faster_rcnn_data": ("baseline", "harmonic_tc_hiou")}
 
 
 def _arch_name(arch: str) -> str:
@@ -581,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("frontier", help="collect the records into results/testbed/frontier.json and docs/testbed.md")
     q = sub.add_parser("pos-iou", help="measure the positives' IoU of committed run folders (results/testbed/pos_iou.json)")
     q.add_argument("run_dirs", nargs="+", type=Path)
+    a = sub.add_parser("subset-ap", help="AP of run folders' detections on another data set's validation images, "
+                       "which must be among theirs (results/testbed/subset_ap.json)")
+    a.add_argument("run_dirs", nargs="+", type=Path)
+    a.add_argument("--subset", default="shapes-study", help="a preset or annotation file (default: shapes-study)")
     w = sub.add_parser("rewatch", help="add the watch statistics to records of runs trained before they were kept")
     w.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
@@ -589,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
             args.seed, args.preset)
     elif args.command == "pos-iou":
         run_pos_iou(args.run_dirs)
+    elif args.command == "subset-ap":
+        run_subset_ap(args.run_dirs, args.subset)
     elif args.command == "rewatch":
         for name in args.names:
             print(json.dumps(rewatch(name)))

@@ -146,6 +146,37 @@ def test_pos_iou_of_run_folders_merges_by_name_and_names_a_missing_model(tmp_pat
         testbed.run_pos_iou([run_dir], out)
 
 
+def test_subset_ap_scores_a_run_on_the_images_it_shares_with_another_data_set(tmp_path):
+    import gzip
+
+    from harmonic.data.shapes import generate_dataset
+
+    base = dict(image_size=48, min_objects=1, max_objects=2, min_object_size=0.3, max_object_size=0.6)
+    small = generate_dataset(tmp_path / "small", {**base, "num_train": 1, "num_val": 2})["root"]
+    large = generate_dataset(tmp_path / "large", {**base, "num_train": 1, "num_val": 5})["root"]
+    run_dir = tmp_path / "runs" / "big-baseline-s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"config": {"dataset": str(large), "val_dataset": None}}))
+    gt = json.loads((Path(large) / "val.json").read_text())
+    # exact boxes on the two shared images, nothing on the other three: AP 1 there, less on all five
+    detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+                  for a in gt["annotations"] if a["image_id"] <= 2]
+    with gzip.open(run_dir / "detections.json.gz", "wt") as f:
+        json.dump(detections, f)
+    out = tmp_path / "subset_ap.json"
+    table = testbed.run_subset_ap([run_dir], str(small), out)
+    row = table["big-baseline-s0"]
+    assert row["images"] == 2 and row["AP"] == row["AP50"] == row["AP75"] == 1.0 and json.loads(out.read_text()) == table
+    assert testbed.run_subset_ap([run_dir], str(large), out)["big-baseline-s0"]["AP"] < 0.9
+    other = generate_dataset(tmp_path / "other", {**base, "num_train": 1, "num_val": 2}, seed=1)["root"]
+    with pytest.raises(ValueError, match="not the same in both"):
+        testbed.run_subset_ap([run_dir], str(other), tmp_path / "never.json")
+    (run_dir / "detections.json.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="big-baseline-s0"):
+        testbed.run_subset_ap([run_dir], str(small), tmp_path / "never.json")
+    assert not (tmp_path / "never.json").exists()
+
+
 def test_study_groups_read_committed_runs_and_their_measured_iou(tmp_path):
     runs_dir = tmp_path / "runs"
     for seed, ap in ((0, 0.10), (1, 0.12)):
