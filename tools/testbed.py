@@ -20,6 +20,7 @@ under ``data/testbed-runs/``.
     python tools/testbed.py rewatch NAME...
     python tools/testbed.py pos-iou RUN_DIR...
     python tools/testbed.py subset-ap RUN_DIR... [--subset shapes-study]
+    python tools/testbed.py data-lever
 """
 
 from __future__ import annotations
@@ -300,6 +301,66 @@ def run_subset_ap(run_dirs: list[Path], subset: str = "shapes-study", out: Path 
         atomic_write_json(out, dict(sorted(table.items())))
         print(run_dir.name, table[run_dir.name], flush=True)
     return table
+
+
+DATA_LEVER = ROOT / "results" / "testbed" / "data_lever.json"
+
+
+def _mean_sd(values: list[float]) -> dict[str, Any]:
+    import numpy as np
+
+    return {"n": len(values), "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+
+
+def data_lever(runs_dir: Path = ROOT / "results" / "runs", subset_ap: Path = SUBSET_AP, out: Path | None = DATA_LEVER,
+               small: str = "faster_rcnn_long", large: str = "faster_rcnn_data", baseline: str = "baseline",
+               confidence: float = 0.95) -> dict[str, Any]:
+    """What the training data's size alone does: sweep ``large`` is sweep ``small`` on a data set whose
+    validation images include all of ``small``'s (``run_subset_ap`` scores its runs there, ``subset_ap``).
+
+    * ``by_variant``: AP in percent on the shared images, ``small`` against ``large``, each mean ± sd over
+      seeds, and their difference with a Welch t-interval (unpaired: a seed trains on other images in the
+      two sweeps, so seeds do not pair);
+    * ``large_paired``: each variant of ``large`` minus its baseline, paired by seed, scored on the shared
+      images and on all of ``large``'s validation images, with the seed sd of each variant on both (how
+      much the larger validation split narrows the comparison).
+    Written to ``out`` (None: not written)."""
+    from scipy import stats
+
+    from harmonic.experiments.report import Run, load_runs, paired_differences
+    from harmonic.utils.files import atomic_write_json
+
+    table = _read_table(subset_ap)
+    small_runs = load_runs(runs_dir, sweep=small)
+    large_runs = load_runs(runs_dir, sweep=large)
+    if not small_runs or not large_runs:
+        raise ValueError(f"{runs_dir}: no finished runs of {small if not small_runs else large}")
+    missing = [r.name for r in large_runs if r.name not in table]
+    if missing:
+        raise ValueError(f"{subset_ap}: no subset AP for {missing} (python tools/testbed.py subset-ap RUN_DIR...)")
+    on_shared = [Run(r.name, r.folder, r.variant, r.seed, r.sweep, {"AP": table[r.name]["AP"]}) for r in large_runs]
+    result: dict[str, Any] = {"small": small, "large": large, "shared_images": sorted({table[r.name]["images"] for r in large_runs}),
+                              "confidence": confidence, "by_variant": {}, "large_paired": {}}
+    for variant in sorted({r.variant for r in large_runs}, key=lambda v: (v != baseline, v)):
+        before = [100 * r.metrics["AP"] for r in small_runs if r.variant == variant]
+        after = [100 * r.metrics["AP"] for r in on_shared if r.variant == variant]
+        row: dict[str, Any] = {"small": _mean_sd(before), "large": _mean_sd(after)}
+        if len(before) > 1 and len(after) > 1:
+            test = stats.ttest_ind(after, before, equal_var=False)
+            low, high = test.confidence_interval(confidence)
+            row["difference"] = {"mean": float(sum(after) / len(after) - sum(before) / len(before)),
+                                 "low": float(low), "high": float(high), "p": float(test.pvalue)}
+        result["by_variant"][variant] = row
+    for label, runs in (("shared_images", on_shared), ("all_images", large_runs)):
+        for variant, entry in paired_differences(runs, baseline, metrics=("AP",), confidence=confidence).items():
+            ap = {k: (100 * v if isinstance(v, float) else v) for k, v in entry["AP"].items()}
+            result["large_paired"].setdefault(variant, {})[label] = ap
+        for variant in {r.variant for r in runs}:
+            result["large_paired"].setdefault(variant, {})[f"sd_{label}"] = _mean_sd(
+                [100 * r.metrics["AP"] for r in runs if r.variant == variant])["sd"]
+    if out is not None:
+        atomic_write_json(out, result)
+    return result
 
 
 #: the data sets of docs/testbed.md by their generator overrides (the shapes-study preset's data is D3)
@@ -649,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
                        "which must be among theirs (results/testbed/subset_ap.json)")
     a.add_argument("run_dirs", nargs="+", type=Path)
     a.add_argument("--subset", default="shapes-study", help="a preset or annotation file (default: shapes-study)")
+    sub.add_parser("data-lever", help="faster_rcnn_long against faster_rcnn_data on their shared validation images "
+                   "(results/testbed/data_lever.json)")
     w = sub.add_parser("rewatch", help="add the watch statistics to records of runs trained before they were kept")
     w.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
@@ -659,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
         run_pos_iou(args.run_dirs)
     elif args.command == "subset-ap":
         run_subset_ap(args.run_dirs, args.subset)
+    elif args.command == "data-lever":
+        print(json.dumps(data_lever(), indent=1))
     elif args.command == "rewatch":
         for name in args.names:
             print(json.dumps(rewatch(name)))

@@ -177,6 +177,44 @@ def test_subset_ap_scores_a_run_on_the_images_it_shares_with_another_data_set(tm
     assert not (tmp_path / "never.json").exists()
 
 
+def test_data_lever_compares_the_sweeps_unpaired_on_shared_images_and_pairs_within_the_larger(tmp_path):
+    from scipy import stats
+
+    runs_dir = tmp_path / "runs"
+    small_ap = {("baseline", 0): 0.30, ("baseline", 1): 0.32, ("m", 0): 0.29, ("m", 1): 0.31}
+    # the larger sweep: AP on all its validation images, and (subset table) on the shared ones
+    large_ap = {("baseline", 0): 0.35, ("baseline", 1): 0.34, ("m", 0): 0.32, ("m", 1): 0.30}
+    shared_ap = {("baseline", 0): 0.36, ("baseline", 1): 0.33, ("m", 0): 0.31, ("m", 1): 0.30}
+    subset = {}
+    for sweep, table in (("small", small_ap), ("large", large_ap)):
+        for (variant, seed), ap in table.items():
+            run_dir = runs_dir / f"{sweep}-{variant}-s{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "run.json").write_text(json.dumps({"variant": variant, "seed": seed, "sweep": sweep}))
+            (run_dir / "metrics.json").write_text(json.dumps({"coco": {"AP": ap}}))
+            if sweep == "large":
+                subset[run_dir.name] = {"subset": "x", "images": 150, "AP": shared_ap[variant, seed]}
+    (tmp_path / "subset.json").write_text(json.dumps(subset))
+    out = tmp_path / "lever.json"
+    result = testbed.data_lever(runs_dir, tmp_path / "subset.json", out, small="small", large="large")
+    assert json.loads(out.read_text()) == result and result["shared_images"] == [150]
+    base = result["by_variant"]["baseline"]
+    assert base["small"]["mean"] == pytest.approx(31.0) and base["large"]["mean"] == pytest.approx(34.5)
+    welch = stats.ttest_ind([36, 33], [30, 32], equal_var=False).confidence_interval(0.95)
+    assert base["difference"]["mean"] == pytest.approx(3.5)
+    assert (base["difference"]["low"], base["difference"]["high"]) == pytest.approx((welch.low, welch.high))
+    paired = result["large_paired"]["m"]
+    assert paired["shared_images"]["mean"] == pytest.approx(-4.0) and paired["all_images"]["mean"] == pytest.approx(-3.5)
+    assert paired["shared_images"]["sd"] == pytest.approx(1.4142, abs=1e-3)  # differences -5, -3
+    assert paired["all_images"]["sd"] == pytest.approx(0.7071, abs=1e-3)  # differences -3, -4
+    assert result["large_paired"]["baseline"]["sd_shared_images"] == pytest.approx(2.1213, abs=1e-3)
+    assert result["large_paired"]["baseline"]["sd_all_images"] == pytest.approx(0.7071, abs=1e-3)
+    del subset["large-m-s1"]
+    (tmp_path / "subset.json").write_text(json.dumps(subset))
+    with pytest.raises(ValueError, match="large-m-s1"):
+        testbed.data_lever(runs_dir, tmp_path / "subset.json", None, small="small", large="large")
+
+
 def test_study_groups_read_committed_runs_and_their_measured_iou(tmp_path):
     runs_dir = tmp_path / "runs"
     for seed, ap in ((0, 0.10), (1, 0.12)):
