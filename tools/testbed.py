@@ -531,8 +531,7 @@ def paired_loss_contrasts(records: list[dict[str, Any]], confidence: float = 0.9
 #: from them: the baseline and the method as the paper's ablation builds it
 FRONTIER_STUDIES = {"faster_rcnn_ablation": ("baseline", "harmonic_tc_hiou"),
                     "faster_rcnn_long": ("baseline", "harmonic_tc_hiou"),
-                    "faster_rcnn_data": ("baseline", "harmonic_tc_hiou"),
-                    "faster_rcnn_data_short": ("baseline",)}
+                    "faster_rcnn_data": ("baseline", "harmonic_tc_hiou")}
 
 
 def _arch_name(arch: str) -> str:

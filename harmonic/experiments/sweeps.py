@@ -188,13 +188,6 @@ SWEEPS: dict[str, Sweep] = {
               arch_overrides=FASTER_RCNN_TEST_BED,
               description="faster_rcnn_long on shapes-study-large: 6000 training images instead of 600, 600 "
               "validation images instead of 150"),
-        # the frontier's point of the larger data at the test bed's length: faster_rcnn_ablation's baseline on
-        # shapes-study-large (at 2400 iterations that baseline scored 34.0 AP on its training images and 22.8 on
-        # validation [D])
-        Sweep("faster_rcnn_data_short", ("baseline",), seeds=TEST_BED_SEEDS, archs=("faster_rcnn",),
-              parameters={**TEST_BED, "train_overrides": {"dataset": "shapes-study-large"}},
-              arch_overrides=FASTER_RCNN_TEST_BED,
-              description="Faster R-CNN's baseline on shapes-study-large at 2400 iterations (the frontier)"),
         # the former default study: RetinaNet R18-FPN from scratch on the harder shapes data, 3000 iterations
         Sweep("scratch", ("baseline", "harmonic_hiou"), seeds=(0, 1, 2), parameters={"preset": "shapes-cpu"},
               description="baseline vs Harmonic + HIoU, RetinaNet R18-FPN from scratch on the shapes data"),
