@@ -527,6 +527,8 @@ def paired_loss_contrasts(records: list[dict[str, Any]], confidence: float = 0.9
     return out
 
 
+#: the larger splits of the D3 data whose committed studies the frontier also draws, with what they hold
+FRONTIER_DATA = {"D3-large": "10x the training images"}
 #: the detectors other than RetinaNet whose committed sweeps the frontier draws, and the variants it takes
 #: from them: the baseline and the method as the paper's ablation builds it
 FRONTIER_STUDIES = {"faster_rcnn_ablation": ("baseline", "harmonic_tc_hiou"),
@@ -566,6 +568,8 @@ def study_groups(runs_dir: Path = ROOT / "results" / "runs", sweep: str = "defau
                    "backbone": portable_backbone(detector.get("pretrained_backbone")) or "scratch",
                    "loss": f"{run.variant} (`make sweep SWEEP={sweep}`)", "variant": run.variant, "px": detector.get("min_size"),
                    "iters": config["max_iters"], "lr": config["lr"], "other": ""}
+        if setting["data"] != "D3":  # another data set's study: named in its label (the frontier's data is D3)
+            setting["loss"] = f"{run.variant} on {setting['data']} (`make sweep SWEEP={sweep}`)"
         arch = detector.get("arch", "retinanet")
         if arch != "retinanet":  # its own line in the figure, never joined to RetinaNet's
             setting["arch"] = arch
@@ -614,9 +618,11 @@ def markdown_frontier(groups: list[dict[str, Any]], contrasts: list[dict[str, An
 
 def _frontier_rows(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The groups of the default study's setting (D3, shapes backbone, 160 px, lr 0.02, nothing else
-    changed), by length, the test bed's runs before the committed study's at the same length."""
-    return sorted((g for g in groups if g["data"] == "D3" and g["backbone"] == "shapes" and g["px"] == 160
-                   and g["lr"] == 0.02 and not g["other"]), key=lambda g: (g["iters"], g["pos_iou"] is None, g["loss"]))
+    changed), with the committed studies on its larger split (:data:`FRONTIER_DATA`), by length, the test
+    bed's runs before the committed study's at the same length."""
+    return sorted((g for g in groups if (g["data"] == "D3" or (g["data"] in FRONTIER_DATA and "variant" in g))
+                   and g["backbone"] == "shapes" and g["px"] == 160 and g["lr"] == 0.02 and not g["other"]),
+                  key=lambda g: (g["iters"], g["pos_iou"] is None, g["loss"]))
 
 
 def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: int = 100):
@@ -634,6 +640,7 @@ def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: i
     for g in rows:
         if "variant" in g:
             base = g["variant"] if "arch" not in g else f"{_arch_name(g['arch'])} {g['variant']}"
+            base += f" on {g['data']}" if g["data"] != "D3" else ""
             # another detector's variants make their own line across the lengths of its studies
             joins = (base in series or "arch" in g) and all(other["iters"] != g["iters"] for other in series.get(base, []))
             series.setdefault(base if joins else g["loss"], []).append(g)
@@ -641,19 +648,20 @@ def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: i
         line.sort(key=lambda g: g["iters"])
     fig = new_figure((6.4, 4.4))
     ax = fig.add_subplot()
-    for label, rows in series.items():
-        plot_metric_vs_param([g["iters"] for g in rows], [g["AP"] for g in rows], [g["AP_sd"] for g in rows],
-                             f"{label.replace('`', '')}, seeds: {', '.join(str(len(g['seeds'])) for g in rows)}",
+    for label, line in series.items():
+        plot_metric_vs_param([g["iters"] for g in line], [g["AP"] for g in line], [g["AP_sd"] for g in line],
+                             f"{label.replace('`', '')}, seeds: {', '.join(str(len(g['seeds'])) for g in line)}",
                              "training iterations",
                              ax=ax)
-    lengths = sorted({g["iters"] for rows in series.values() for g in rows})
+    lengths = sorted({g["iters"] for g in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.minorticks_off()
     ax.set_title("the test bed's frontier: AP against training length [D]", fontsize=10)
     detectors = "RetinaNet" + "".join(sorted({f" and {_arch_name(g['arch'])}" for g in rows if "arch" in g}))
-    caption(fig, f"{detectors} R18-FPN, shapes-pretrained backbone, shapes-study data, 160 px, lr 0.02, bfloat16, "
-                 "2-core CPU")
+    data = "shapes-study data" + ("".join(sorted({f" ({g['data']}: {FRONTIER_DATA[g['data']]})" for g in rows
+                                                 if g["data"] != "D3"})))
+    caption(fig, f"{detectors} R18-FPN, shapes-pretrained backbone, {data},\n160 px, lr 0.02, bfloat16, 2-core CPU")
     return finish(fig, path, dpi)
 
 

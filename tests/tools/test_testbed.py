@@ -399,6 +399,14 @@ def test_frontier_figure_joins_a_study_variant_to_its_losss_line_where_that_leng
     labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
     assert labels[-1] == "Faster R-CNN baseline, seeds: 2, 2" and labels[0] == "baseline, seeds: 2"
     assert "Faster R-CNN" in fig.texts[-1].get_text()  # the caption names both detectors
+    # a study on the larger split is its own line and named, in the label and the caption
+    large = {**group("Faster R-CNN baseline on D3-large (`make sweep SWEEP=c`)", 2400), "variant": "baseline",
+             "arch": "faster_rcnn", "data": "D3-large"}
+    fig = testbed.plot_frontier(groups + frcnn + [large])
+    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert "Faster R-CNN baseline on D3-large, seeds: 2" in labels and len(labels) == 5
+    assert "Faster R-CNN baseline, seeds: 2, 2" in labels and "D3-large: 10x the training images" in fig.texts[-1].get_text()
+    assert testbed._frontier_rows([{**large, "data": "D5"}]) == []  # only the named larger splits
 
 
 def test_the_d3_name_is_the_study_presets_data():
