@@ -533,7 +533,8 @@ FRONTIER_DATA = {"D3-large": "10x the training images"}
 #: from them: the baseline and the method as the paper's ablation builds it
 FRONTIER_STUDIES = {"faster_rcnn_ablation": ("baseline", "harmonic_tc_hiou"),
                     "faster_rcnn_long": ("baseline", "harmonic_tc_hiou"),
-                    "faster_rcnn_data": ("baseline", "harmonic_tc_hiou")}
+                    "faster_rcnn_data": ("baseline", "harmonic_tc_hiou"),
+                    "faster_rcnn_data_long": ("baseline",)}
 
 
 def _arch_name(arch: str) -> str:
