@@ -128,7 +128,7 @@ PRESETS: dict[str, ShapesParams] = {
     # the same scenes, ten times the training images and four times the validation images [D]: the first
     # 600 / 150 images are shapes-study's (an image depends only on its split and index). The lever against
     # overfitting: after 4800 iterations Faster R-CNN's baseline scored 57.8 AP on shapes-study's 600
-    # training images and 29.8 on its validation images (docs/testbed.md, "More training data")
+    # training images and 29.8 on its validation images (docs/testbed.md, "Ten times the training images")
     "shapes-study-large": ShapesParams(num_train=6000, num_val=600, min_object_size=0.25, max_object_size=0.7,
                                        max_objects=3, max_occlusion=0.4, overlap_prob=0.3).validate(),
 }
