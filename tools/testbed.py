@@ -251,14 +251,17 @@ def _same_images(subset: dict[str, Any], full: dict[str, Any], where: str) -> se
     anns: dict[int, list[dict[str, Any]]] = {}
     for ann in full["annotations"]:
         anns.setdefault(ann["image_id"], []).append(ann)
+    mine: dict[int, list[dict[str, Any]]] = {}
+    for ann in subset["annotations"]:
+        mine.setdefault(ann["image_id"], []).append(ann)
     ids = set()
     for image in subset["images"]:
         if images.get(image["id"]) != image:
             raise ValueError(f"{where}: image {image['id']} ({image.get('file_name')}) is not the same in both")
         ids.add(image["id"])
     for image_id in ids:
-        mine = [a for a in subset["annotations"] if a["image_id"] == image_id]
-        if sorted(json.dumps(a, sort_keys=True) for a in mine) != sorted(json.dumps(a, sort_keys=True) for a in anns.get(image_id, [])):
+        if (sorted(json.dumps(a, sort_keys=True) for a in mine.get(image_id, []))
+                != sorted(json.dumps(a, sort_keys=True) for a in anns.get(image_id, []))):
             raise ValueError(f"{where}: the annotations of image {image_id} are not the same in both")
     return ids
 
@@ -285,6 +288,8 @@ def run_subset_ap(run_dirs: list[Path], subset: str = "shapes-study", out: Path 
                                         "are not committed: evaluate the run here first)")
     subset_ann = resolve_dataset(subset, "val", root=root)[1]
     subset_gt = json.loads(subset_ann.read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(subset_ann))
     table = _read_table(out)
     for run_dir in run_dirs:
         config = json.loads((run_dir / "config.json").read_text())["config"]
@@ -293,8 +298,6 @@ def run_subset_ap(run_dirs: list[Path], subset: str = "shapes-study", out: Path 
         ids = _same_images(subset_gt, json.loads(run_ann.read_text()), f"{subset_ann} against {run_ann}")
         with gzip.open(run_dir / "detections.json.gz", "rt") as f:
             detections = [d for d in json.load(f) if d["image_id"] in ids]
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_gt = COCO(str(subset_ann))
         metrics = coco_evaluate(coco_gt, detections)
         table[run_dir.name] = {"subset": subset, "images": len(ids),
                                **{m: round(metrics[m], 6) for m in ("AP", "AP50", "AP75")}}
