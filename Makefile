@@ -23,6 +23,7 @@ help:
 	@echo "                PROFILE=faster_rcnn: the paper's ablation on Faster R-CNN (about two hours here)"
 	@echo "                PROFILE=faster_rcnn_long: its baseline and whole method at 4800 iterations (about 2.5 hours)"
 	@echo "                PROFILE=faster_rcnn_data: the same pair on ten times the training images (about 1.7 hours)"
+	@echo "                PROFILE=faster_rcnn_data_long: that pair at 9600 iterations (about 3 hours)"
 	@echo "make lab        JupyterLab on localhost with the project's kernel"
 	@echo "make bench      loss and training-step benchmarks -> results/bench.json"
 	@echo "make gpu-check  on a CUDA machine: CUDA tests, GPU bench, a short training run -> results/gpu_check.json"

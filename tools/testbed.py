@@ -537,7 +537,7 @@ FRONTIER_DATA = {"D3-large": "10x the training images"}
 FRONTIER_STUDIES = {"faster_rcnn_ablation": ("baseline", "harmonic_tc_hiou"),
                     "faster_rcnn_long": ("baseline", "harmonic_tc_hiou"),
                     "faster_rcnn_data": ("baseline", "harmonic_tc_hiou"),
-                    "faster_rcnn_data_long": ("baseline",)}
+                    "faster_rcnn_data_long": ("baseline", "harmonic_tc_hiou")}
 
 
 def _arch_name(arch: str) -> str:

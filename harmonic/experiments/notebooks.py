@@ -15,8 +15,9 @@ overwrites the real results. ``long`` is the default study at twice the length: 
 default's (``results/runs``), its other notebooks, figures, report and timing to ``results/long``
 (``OUTPUT_SUBDIRS``, passed as ``output_dir``); ``faster_rcnn``, the paper's ablation on Faster R-CNN, likewise
 into ``results/faster_rcnn``, ``faster_rcnn_long``, its baseline and whole method at twice the length, into
-``results/faster_rcnn_long``, and ``faster_rcnn_data``, the same on ten times the training images, into
-``results/faster_rcnn_data``. To add a notebook, add one line to each profile.
+``results/faster_rcnn_long``, ``faster_rcnn_data``, the same on ten times the training images, into
+``results/faster_rcnn_data``, and ``faster_rcnn_data_long``, that at twice its length, into
+``results/faster_rcnn_data_long``. To add a notebook, add one line to each profile.
 
 Notebooks run with ``kernel_name="python3"`` and the repository root as working directory. The parameters
 ``results_dir``, ``coco_root`` and ``voc_root`` (from ``--results-dir`` / ``--coco-root`` / ``--voc-root``)
@@ -123,6 +124,9 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
     "faster_rcnn_long": _faster_rcnn_pair("faster_rcnn_long"),
     # the same pair on ten times the training images, 4 seeds (about 1.7 hours): the rest in results_dir/faster_rcnn_data
     "faster_rcnn_data": _faster_rcnn_pair("faster_rcnn_data"),
+    # that pair at 9600 iterations, 4 seeds (about 3 hours, two runs at a time): the rest in
+    # results_dir/faster_rcnn_data_long
+    "faster_rcnn_data_long": _faster_rcnn_pair("faster_rcnn_data_long"),
     # VOC07+12 trainval -> VOC07 test (make reproduce PROFILE=voc VOC_ROOT=VOCdevkit)
     "voc": {
         "03_train_eval": _training_entries("voc"),
@@ -131,12 +135,13 @@ PROFILES: dict[str, dict[str, list[Entry]]] = {
     },
 }
 DEFAULT_RESULTS_DIRS = {"default": "results", "quick": "results/quick", "smoke": "results/smoke", "coco": "results/coco", "voc": "results/voc",
-                        "long": "results", "faster_rcnn": "results", "faster_rcnn_long": "results", "faster_rcnn_data": "results"}
+                        "long": "results", "faster_rcnn": "results", "faster_rcnn_long": "results", "faster_rcnn_data": "results",
+                        "faster_rcnn_data_long": "results"}
 # Profiles whose training runs sit beside the default's (results_dir/runs, so they pair with the sweeps run
 # there) while their other executed notebooks, figures, report and timing go to results_dir/<subdir>: the
 # notebooks that declare ``output_dir`` get that folder, so the default's report and figures stay as they are.
 OUTPUT_SUBDIRS = {"long": "long", "faster_rcnn": "faster_rcnn", "faster_rcnn_long": "faster_rcnn_long",
-                  "faster_rcnn_data": "faster_rcnn_data"}
+                  "faster_rcnn_data": "faster_rcnn_data", "faster_rcnn_data_long": "faster_rcnn_data_long"}
 # Parameters filled from the command line, for the notebooks that declare them.
 COMMAND_LINE_PARAMETERS = ("results_dir", "coco_root", "voc_root")
 # Profiles that cannot run without a dataset given on the command line: profile -> parameter

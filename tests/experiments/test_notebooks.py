@@ -119,7 +119,8 @@ def test_reproduce_runs_the_profile_in_order_and_passes_results_dir(tmp_path, mo
 
 @pytest.mark.parametrize("profile, sweep", [("long", "long"), ("faster_rcnn", "faster_rcnn_ablation"),
                                             ("faster_rcnn_long", "faster_rcnn_long"),
-                                            ("faster_rcnn_data", "faster_rcnn_data")])
+                                            ("faster_rcnn_data", "faster_rcnn_data"),
+                                            ("faster_rcnn_data_long", "faster_rcnn_data_long")])
 def test_a_side_profile_trains_beside_the_default_and_reports_into_its_own_folder(tmp_path, monkeypatch, profile, sweep):
     calls = []
     monkeypatch.setattr(reproduce, "run_notebook", lambda stem, params, out, **kw: calls.append((stem, params, out)))
