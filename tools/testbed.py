@@ -21,6 +21,7 @@ under ``data/testbed-runs/``.
     python tools/testbed.py pos-iou RUN_DIR...
     python tools/testbed.py subset-ap RUN_DIR... [--subset shapes-study]
     python tools/testbed.py data-lever
+    python tools/testbed.py ranking
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "results" / "testbed" / "runs"
+#: the notes the frontier and the ranking split write their tables into
+DOC = ROOT / "docs" / "testbed.md"
 
 
 def dataset_folder(data: dict[str, Any], root: Path | None = None) -> Path:
@@ -366,6 +369,74 @@ def data_lever(runs_dir: Path = ROOT / "results" / "runs", subset_ap: Path = SUB
     return result
 
 
+RANKING = ROOT / "results" / "testbed" / "ranking.json"
+#: the sweeps whose variants the ranking split compares with their baseline, and those variants: the whole
+#: method of each study, and the steps of the paper's ablation on Faster R-CNN
+RANKING_SWEEPS = {"default": ("harmonic_hiou", "harmonic_hiou_detached"), "long": ("harmonic_hiou",),
+                  "faster_rcnn_ablation": ("harmonic", "harmonic_tc", "harmonic_tc_iou", "harmonic_tc_hiou"),
+                  "faster_rcnn_long": ("harmonic_tc_hiou",), "faster_rcnn_data": ("harmonic_tc_hiou",),
+                  "faster_rcnn_data_long": ("harmonic_tc_hiou",)}
+#: the block of docs/testbed.md that ``ranking`` rewrites
+RANKING_BEGIN, RANKING_END = "<!-- ranking:begin -->", "<!-- ranking:end -->"
+
+
+def run_ranking(runs_dir: Path = ROOT / "results" / "runs", sweeps: dict[str, tuple[str, ...]] | None = None,
+                out: Path = RANKING, doc: Path | None = DOC, root: Path | None = None,
+                confidence: float = 0.95) -> dict[str, Any]:
+    """Where each study's AP difference comes from: its boxes, its scores' consistency inside an object's
+    candidates, or their ranking of objects against background (:mod:`harmonic.experiments.ranking`).
+
+    Measures every finished run of the baseline and of the chosen variants of each sweep of ``sweeps``
+    (sweep -> variants, default :data:`RANKING_SWEEPS`) from its committed detections, on its own
+    validation images (runs already in ``out`` are not measured again; ``out`` is rewritten after each),
+    then writes per sweep the paired split into ``out``, the figure beside it (``ranking.png``) and the
+    table into the ranking block of ``doc``."""
+    from harmonic.experiments.ranking import (
+        baseline_levels,
+        dataset_truth,
+        markdown_split,
+        measure_run,
+        paired_split,
+        plot_split,
+        setting_of,
+    )
+    from harmonic.experiments.report import load_runs
+    from harmonic.utils.figures import save_figure
+    from harmonic.utils.files import atomic_write_json, atomic_write_text
+
+    sweeps = RANKING_SWEEPS if sweeps is None else sweeps
+    text = doc.read_text() if doc is not None else None
+    if text is not None and (RANKING_BEGIN not in text or RANKING_END not in text):
+        raise ValueError(f"{doc}: no {RANKING_BEGIN} ... {RANKING_END} block to write the split into")
+    measured: dict[str, Any] = _read_table(out).get("runs", {})
+    truth = dataset_truth(root)
+    studies = []
+    for sweep, variants in sweeps.items():
+        runs = [r for r in load_runs(runs_dir, sweep=sweep) if r.variant in ("baseline", *variants)]
+        for run in runs:
+            if run.name not in measured and (run.folder / "detections.json.gz").is_file():
+                measured[run.name] = measure_run(run, truth)
+                atomic_write_json(out, {"runs": dict(sorted(measured.items()))})
+                print(run.name, measured[run.name]["AP"], measured[run.name]["AP_oracle"], flush=True)
+        split = paired_split(runs, measured, variants, confidence)
+        if split:
+            studies.append({"sweep": sweep, "setting": setting_of(runs[0]), "baseline": baseline_levels(runs, measured),
+                            "variants": split})
+    if not studies:
+        raise ValueError(f"{runs_dir}: no pair of a baseline and a variant of {sorted(sweeps)} with detections")
+    figure = plot_split(studies)
+    result = {"note": "oracle split [D]: percent AP points, variant minus baseline paired by seed "
+                      "(harmonic.experiments.ranking)", "confidence": confidence, "studies": studies,
+              "runs": dict(sorted(measured.items()))}
+    atomic_write_json(out, result)
+    save_figure(figure, out.with_suffix(".png"), dpi=100)
+    if text is not None:
+        head, rest = text.split(RANKING_BEGIN, 1)
+        atomic_write_text(doc, head + RANKING_BEGIN + "\n" + markdown_split(studies) + "\n" + RANKING_END
+                          + rest.split(RANKING_END, 1)[1])
+    return result
+
+
 #: the data sets of docs/testbed.md by their generator overrides (the shapes-study preset's data is D3)
 DATA_NAMES = {
     "{}": "default",
@@ -670,7 +741,6 @@ def plot_frontier(groups: list[dict[str, Any]], path: Path | None = None, dpi: i
 
 
 #: the block of docs/testbed.md that ``frontier`` rewrites
-DOC = ROOT / "docs" / "testbed.md"
 BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
 
 
@@ -724,6 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--subset", default="shapes-study", help="a preset or annotation file (default: shapes-study)")
     sub.add_parser("data-lever", help="faster_rcnn_long against faster_rcnn_data on their shared validation images "
                    "(results/testbed/data_lever.json)")
+    sub.add_parser("ranking", help="the method's AP difference split into its boxes' part and its scores' part, by "
+                   "oracle re-scoring of the committed detections (results/testbed/ranking.json)")
     w = sub.add_parser("rewatch", help="add the watch statistics to records of runs trained before they were kept")
     w.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
@@ -736,6 +808,9 @@ def main(argv: list[str] | None = None) -> int:
         run_subset_ap(args.run_dirs, args.subset)
     elif args.command == "data-lever":
         print(json.dumps(data_lever(), indent=1))
+    elif args.command == "ranking":
+        for study in run_ranking()["studies"]:
+            print(study["setting"], {v: row["parts"]["AP"] for v, row in study["variants"].items()})
     elif args.command == "rewatch":
         for name in args.names:
             print(json.dumps(rewatch(name)))

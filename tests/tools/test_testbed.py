@@ -417,3 +417,58 @@ def test_the_d3_name_is_the_study_presets_data():
     shapes, study = (dataclasses.asdict(PRESETS[name]) for name in ("shapes", "shapes-study"))
     overrides = {key: value for key, value in study.items() if shapes[key] != value}
     assert testbed.DATA_NAMES[json.dumps(overrides, sort_keys=True)] == "D3" == testbed.PRESET_DATA["shapes-study"]
+
+
+def test_ranking_splits_each_study_from_committed_detections_and_writes_its_block(tmp_path):
+    import gzip
+
+    from pycocotools.coco import COCO
+
+    from harmonic.data.shapes import generate_dataset
+    from harmonic.evaluation.coco import coco_evaluate
+
+    data = generate_dataset(tmp_path / "data", dict(image_size=48, min_objects=1, max_objects=2, min_object_size=0.3,
+                                                    max_object_size=0.6, num_train=1, num_val=4))["root"]
+    gt_json = json.loads((Path(data) / "val.json").read_text())
+    gt = COCO(str(Path(data) / "val.json"))
+    runs_dir = tmp_path / "runs"
+    for variant in ("baseline", "m"):
+        for seed in (0, 1):
+            detections = []
+            for a in gt_json["annotations"]:
+                x, y, w, h = a["bbox"]
+                shift = 0.3 * w if variant == "m" else 0.1 * w * seed  # the variant's boxes are worse
+                detections += [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [x + shift, y, w, h],
+                                "score": 0.6},
+                               {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [x, y, w, h],
+                                "score": 0.5}]  # the exact box scored below a shifted one: inconsistent
+            run_dir = runs_dir / f"s-{variant}-s{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "run.json").write_text(json.dumps({"variant": variant, "seed": seed, "sweep": "s"}))
+            (run_dir / "config.json").write_text(json.dumps({"config": {"dataset": str(data), "val_dataset": None,
+                                                                        "max_iters": 10, "detector": {}}}))
+            (run_dir / "metrics.json").write_text(json.dumps({"coco": coco_evaluate(gt, detections)}))
+            with gzip.open(run_dir / "detections.json.gz", "wt") as f:
+                json.dump(detections, f)
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{testbed.RANKING_BEGIN}\nstale\n{testbed.RANKING_END}\nafter\n")
+    out = tmp_path / "ranking.json"
+    result = testbed.run_ranking(runs_dir, {"s": ("m",)}, out, doc)
+    assert json.loads(out.read_text()) == result and out.with_suffix(".png").stat().st_size > 0
+    assert sorted(result["runs"]) == ["s-baseline-s0", "s-baseline-s1", "s-m-s0", "s-m-s1"]
+    (study,) = result["studies"]
+    assert study["setting"] == f"RetinaNet, 10 iterations, {data}"
+    row = study["variants"]["m"]
+    parts = row["parts"]["AP"]
+    assert sum(p["mean"] for p in parts.values()) == pytest.approx(row["difference"]["AP"]["mean"], abs=1e-3)  # 6 digits a run
+    for run in result["runs"].values():  # every run holds the exact boxes: ranked by IoU, they reach AP 1
+        assert run["AP_oracle"] == 1.0 and run["AP"] <= run["AP_within"] <= 1.0
+    assert parts["boxes"]["mean"] == 0.0 and row["difference"]["AP"]["mean"] < 0
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{testbed.RANKING_END}\nafter\n") and "stale" not in text
+    assert "(`s`) | `m` | 2 |" in text
+    bare = tmp_path / "bare.md"
+    bare.write_text("no block\n")
+    with pytest.raises(ValueError, match="bare.md"):
+        testbed.run_ranking(runs_dir, {"s": ("m",)}, tmp_path / "other.json", bare)
+    assert not (tmp_path / "other.json").exists()

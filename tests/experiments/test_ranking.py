@@ -1,0 +1,95 @@
+"""The oracle split of a variant's AP difference: paired parts that add up, and the table and figure."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from harmonic.experiments.ranking import (
+    PARTS,
+    QUANTITIES,
+    markdown_split,
+    measure_run,
+    paired_split,
+    plot_split,
+)
+from harmonic.experiments.report import Run
+
+
+def _measured(ap, within, oracle):
+    """A run's split as fractions, the gaps derived as measure_run derives them (AP50 and AP75 alike)."""
+    row = {}
+    for m in ("AP", "AP50", "AP75"):
+        row.update({m: ap, f"{m}_within": within, f"{m}_oracle": oracle, f"{m}_within_gap": within - ap,
+                    f"{m}_between_gap": oracle - within, f"{m}_gap": oracle - ap})
+    return row
+
+
+def _runs_and_split():
+    values = {("baseline", 0): (0.30, 0.32, 0.50), ("baseline", 1): (0.32, 0.35, 0.54), ("baseline", 2): (0.31, 0.33, 0.52),
+              ("m", 0): (0.27, 0.28, 0.51), ("m", 1): (0.30, 0.32, 0.56), ("m", 2): (0.28, 0.30, 0.52)}
+    runs = [Run(f"s-{v}-s{seed}", Path("."), v, seed, "s") for v, seed in values]
+    measured = {f"s-{v}-s{seed}": _measured(*vals) for (v, seed), vals in values.items()}
+    return runs, measured, values
+
+
+def test_the_parts_add_up_to_the_paired_difference_with_their_signs():
+    runs, measured, values = _runs_and_split()
+    split = paired_split(runs, measured, ("m",))
+    row = split["m"]
+    assert row["pairs"] == 3 and set(QUANTITIES) >= {"AP_oracle", "AP_within_gap", "AP_between_gap"}
+    diff = sum(100 * (values["m", s][0] - values["baseline", s][0]) for s in range(3)) / 3
+    assert row["difference"]["AP"]["mean"] == pytest.approx(diff)
+    parts = row["parts"]["AP"]
+    boxes = sum(100 * (values["m", s][2] - values["baseline", s][2]) for s in range(3)) / 3
+    consistency = -sum(100 * ((values["m", s][1] - values["m", s][0]) - (values["baseline", s][1] - values["baseline", s][0]))
+                       for s in range(3)) / 3
+    assert parts["boxes"]["mean"] == pytest.approx(boxes)
+    assert parts["consistency"]["mean"] == pytest.approx(consistency)
+    assert sum(parts[name]["mean"] for name, _, _ in PARTS) == pytest.approx(diff)
+    for entry in parts.values():  # a negated part keeps its interval the right way round, around its mean
+        assert entry["low"] < entry["mean"] < entry["high"]
+    assert paired_split(runs, measured, ("other",)) == {}  # no such variant: nothing to split
+
+
+def test_the_table_and_the_figure_show_every_study_and_variant():
+    runs, measured, _ = _runs_and_split()
+    studies = [{"sweep": "s", "setting": "Faster R-CNN, 4800 iterations, d", "variants": paired_split(runs, measured, ("m",)),
+                "baseline": {"AP": 31.0, "AP_within": 33.3, "AP_oracle": 52.0}}]
+    table = markdown_split(studies)
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[0].count("|") == lines[2].count("|")
+    assert lines[2].startswith("| Faster R-CNN, 4800 iterations, d (`s`) | `m` | 3 | 31.0 / 33.3 / 52.0 | -2.7 [")
+    fig = plot_split(studies)
+    ax = fig.axes[0]
+    assert len(ax.containers) >= 1 + len(PARTS)  # the difference and each part
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["Faster R-CNN, 4800 iterations, d\nm"]
+
+
+def test_measure_run_refuses_detections_that_do_not_give_the_runs_ap(tmp_path):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    gt = COCO()
+    gt.dataset = {"images": [{"id": 1, "width": 50, "height": 50, "file_name": "1.png"}],
+                  "categories": [{"id": 1, "name": "a"}],
+                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "area": 400,
+                                   "iscrowd": 0}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    folder = tmp_path / "r-baseline-s0"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"config": {"dataset": "d", "val_dataset": None}}))
+    with gzip.open(folder / "detections.json.gz", "wt") as f:
+        json.dump([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "score": 0.9}], f)
+    seen = []
+    truth = lambda name: seen.append(name) or gt  # noqa: E731
+    row = measure_run(Run(folder.name, folder, "baseline", 0, "r", {"AP": 1.0}), truth)
+    assert seen == ["d"] and row["AP"] == row["AP_oracle"] == 1.0 and row["AP_between_gap"] == 0.0
+    with pytest.raises(ValueError, match="r-baseline-s0: its detections give AP 1.000000"):
+        measure_run(Run(folder.name, folder, "baseline", 0, "r", {"AP": 0.5}), truth)
