@@ -709,9 +709,62 @@ def markdown_claims(runs: list[Run], main_variant: str = "harmonic_hiou") -> str
     return "\n".join(lines)
 
 
+def oracle_split(runs: list[Run], main_variant: str = "harmonic_hiou", baseline: str = "baseline",
+                 truth=None) -> dict[str, Any]:
+    """Boxes or scores (:mod:`harmonic.experiments.ranking`): ``main_variant``'s AP difference from
+    ``baseline`` split into its boxes, its scores' consistency inside an object and its ranking of objects
+    against background, from the committed detections of the runs of both (on their validation images, ground
+    truth from ``truth(dataset)``, default :func:`~harmonic.experiments.ranking.dataset_truth`).
+
+    Returns ``{"setting", "sweep", "baseline", "variants", "runs"}`` (the study of
+    :func:`~harmonic.experiments.ranking.markdown_split`, with each run's measured split), or ``{"reason"}``
+    saying why there is nothing to split: no pair with detections, or detections that do not give a run's AP."""
+    from harmonic.experiments.ranking import (
+        baseline_levels,
+        dataset_truth,
+        measure_run,
+        paired_split,
+        setting_of,
+    )
+
+    chosen = [r for r in runs if r.variant in (baseline, main_variant) and (r.folder / "detections.json.gz").is_file()]
+    seeds = {v: {r.seed for r in chosen if r.variant == v} for v in (baseline, main_variant)}
+    if not seeds[baseline] & seeds[main_variant]:
+        return {"reason": f"no seed has both a `{baseline}` and a `{main_variant}` run with its detections "
+                          "(detections.json.gz) in these sweeps"}
+    truth = dataset_truth() if truth is None else truth
+    try:
+        measured = {r.name: measure_run(r, truth) for r in chosen}
+    except ValueError as err:
+        return {"reason": str(err)}
+    main = [r for r in chosen if r.variant == main_variant]
+    return {"setting": setting_of(main[0]), "sweep": main[0].sweep or "",
+            "baseline": baseline_levels(chosen, measured, baseline),
+            "variants": paired_split(chosen, measured, (main_variant,), baseline=baseline), "runs": measured}
+
+
+def markdown_oracle_split(split: dict[str, Any]) -> str:
+    """The report's section on :func:`oracle_split`: its table, or why there is none."""
+    from harmonic.experiments.ranking import markdown_split
+
+    if "reason" in split:
+        return f"Not split [D]: {split['reason']}."
+    return "\n".join([
+        markdown_split([split]),
+        "",
+        "Each detection re-scored by its IoU with its object, inside each object's candidates (the within-object "
+        "oracle) or everywhere (the full oracle), its box unchanged (`harmonic/evaluation/oracle.py`). *Boxes*: "
+        "the difference of the full oracle's AP, what the boxes reach when perfectly ranked; *consistency*: what "
+        "ranking each object's candidates by IoU changes, the paper's subject [A]; *object-background ranking*: "
+        "the rest. Each part is a paired difference by seed with its own 95% t-interval, signed so that the "
+        "parts add up to the AP difference [D].",
+    ])
+
+
 def report_markdown(runs: list[Run], summary, diffs, *, baseline: str = "baseline",
-                    main_variant: str = "harmonic_hiou") -> str:
-    """The whole report (report.md and the README block): the sections of notebook 05, with headings."""
+                    main_variant: str = "harmonic_hiou", split: dict[str, Any] | None = None) -> str:
+    """The whole report (report.md and the README block): the sections of notebook 05, with headings; the
+    section on :func:`oracle_split` where ``split`` is given."""
     return "\n".join([
         f"### Our runs [D]: {describe_runs(runs)}",
         "",
@@ -731,6 +784,8 @@ def report_markdown(runs: list[Run], summary, diffs, *, baseline: str = "baselin
         "",
         markdown_attribution(runs),
         "",
+        *([f"### Boxes or scores? `{main_variant}` against `{baseline}`, split by oracle re-scoring [D]", "",
+           markdown_oracle_split(split), ""] if split is not None else []),
         "### Did the supplement's assumption hold? [D]",
         "",
         "Eq. 9 [S] takes dF/dx > 0 (a positive's score is pushed up) as basically always true during training; "
@@ -802,6 +857,7 @@ def results_report(
     dpi: int = 120,
     update_readme: str | Path | None = None,
     output_dir: str | Path | None = None,
+    split: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tables, verdicts, the paper side by side and figures, all computed from the run folders.
 
@@ -812,7 +868,8 @@ def results_report(
     path to README.md) it replaces the block between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
     Notebook 05 shows the same steps one by one (:func:`load_sweep_runs`, :func:`summarize`,
     :func:`paired_differences`, :func:`markdown_verdict`, :func:`markdown_attribution`,
-    :func:`markdown_paper`) before calling it.
+    :func:`oracle_split`, :func:`markdown_paper`) before calling it; ``split`` is its :func:`oracle_split`, which
+    is computed here when not given.
 
     Returns:
         ``{"markdown", "figures", "summary", "differences", "written"}``; ``written`` lists every file written.
@@ -822,12 +879,14 @@ def results_report(
     runs = load_sweep_runs(results_dir, sweeps)
     summary = summarize(runs)
     diffs = paired_differences(runs, baseline=baseline)
-    markdown = report_markdown(runs, summary, diffs, baseline=baseline, main_variant=main_variant)
+    split = oracle_split(runs, main_variant, baseline) if split is None else split
+    markdown = report_markdown(runs, summary, diffs, baseline=baseline, main_variant=main_variant, split=split)
     figures = _report_figures(runs, summary, output_dir, baseline, main_variant, dpi)
     written = [
         atomic_write_text(output_dir / "report.md", markdown + "\n"),
         atomic_write_json(output_dir / "report.json", {"sweeps": sweeps, "summary": summary, "differences": diffs,
                                                          "attribution": attribution(runs), "claims": claims(runs, main_variant=main_variant),
+                                                         "oracle_split": split,
                                                          "runs": [r.name for r in runs]}),
     ]
     if update_readme is not None:

@@ -93,3 +93,48 @@ def test_measure_run_refuses_detections_that_do_not_give_the_runs_ap(tmp_path):
     assert seen == ["d"] and row["AP"] == row["AP_oracle"] == 1.0 and row["AP_between_gap"] == 0.0
     with pytest.raises(ValueError, match="r-baseline-s0: its detections give AP 1.000000"):
         measure_run(Run(folder.name, folder, "baseline", 0, "r", {"AP": 0.5}), truth)
+
+
+def test_the_report_splits_its_main_variant_from_committed_detections_or_says_why_not(tmp_path):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    from harmonic.evaluation import coco_evaluate
+    from harmonic.experiments.report import load_sweep_runs, markdown_oracle_split, oracle_split
+
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.png"} for i in (1, 2)],
+                  "categories": [{"id": 1, "name": "a"}],
+                  "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600,
+                                   "iscrowd": 0} for i in (1, 2)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    for variant in ("baseline", "harmonic_hiou"):
+        for seed in (0, 1):
+            poor = 0.9 if variant == "harmonic_hiou" else 0.4  # the variant scores its poor box above the exact one
+            dets = [d for i in (1, 2) for d in (
+                {"image_id": i, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.5 + 0.01 * seed},
+                {"image_id": i, "category_id": 1, "bbox": [20, 10, 40, 40], "score": poor})]
+            folder = tmp_path / "runs" / f"{variant}-s{seed}"
+            folder.mkdir(parents=True)
+            (folder / "run.json").write_text(json.dumps({"variant": variant, "seed": seed, "sweep": "s"}))
+            (folder / "config.json").write_text(json.dumps({"config": {"dataset": "d", "val_dataset": None,
+                                                                       "max_iters": 8, "detector": {"arch": "faster_rcnn"}}}))
+            (folder / "metrics.json").write_text(json.dumps({"coco": coco_evaluate(gt, dets)}))
+            with gzip.open(folder / "detections.json.gz", "wt") as f:
+                json.dump(dets, f)
+    runs = load_sweep_runs(tmp_path, ["s"])
+    split = oracle_split(runs, truth=lambda name: gt)
+    assert split["setting"] == "Faster R-CNN, 8 iterations, d" and split["sweep"] == "s" and len(split["runs"]) == 4
+    row = split["variants"]["harmonic_hiou"]
+    assert row["pairs"] == 2 and row["difference"]["AP"]["mean"] < 0
+    assert row["parts"]["AP"]["boxes"]["mean"] == 0.0  # the same boxes: the whole difference is in the scores
+    assert row["parts"]["AP"]["consistency"]["mean"] == pytest.approx(row["difference"]["AP"]["mean"], abs=1e-3)
+    text = markdown_oracle_split(split)
+    assert text.splitlines()[2].startswith("| Faster R-CNN, 8 iterations, d (`s`) | `harmonic_hiou` | 2 |")
+    (tmp_path / "runs" / "baseline-s1" / "metrics.json").write_text(json.dumps({"coco": {"AP": 0.01}}))
+    refused = oracle_split(load_sweep_runs(tmp_path, ["s"]), truth=lambda name: gt)
+    assert "baseline-s1: its detections give AP" in refused["reason"]
+    assert markdown_oracle_split(refused).startswith("Not split [D]: ")

@@ -18,12 +18,14 @@ from harmonic.experiments.report import (
     markdown_attribution,
     markdown_claims,
     markdown_differences,
+    markdown_oracle_split,
     markdown_paired,
     markdown_paper,
     markdown_runs,
     markdown_setting,
     markdown_summary,
     markdown_verdict,
+    oracle_split,
     paired_differences,
     param_points,
     report_markdown,
@@ -259,12 +261,16 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
     # the steps of the notebook, computed separately, are the report's sections, in order
     runs = load_sweep_runs(tmp_path, ["s"])
     summary, diffs = summarize(runs), paired_differences(runs)
+    split = oracle_split(runs)
+    assert split == {"reason": "no seed has both a `baseline` and a `harmonic_hiou` run with its detections "
+                               "(detections.json.gz) in these sweeps"}
     steps = [markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"), markdown_verdict(diffs, "harmonic_hiou"),
-             markdown_attribution(runs), markdown_assumptions(runs), markdown_claims(runs),
+             markdown_attribution(runs), markdown_oracle_split(split), markdown_assumptions(runs), markdown_claims(runs),
              markdown_paper(summary, diffs, "baseline", "harmonic_hiou", runs),
              markdown_setting(runs)]
     md = out["markdown"]
-    assert md == report_markdown(runs, summary, diffs)
+    assert md == report_markdown(runs, summary, diffs, split=split)
+    assert "Not split [D]: no seed has both" in md
     positions = [md.index(step) for step in steps]
     assert positions == sorted(positions)
     assert md.startswith("### Our runs [D]: 6 runs, 2 variants, seeds [0, 1, 2]\n")
@@ -275,6 +281,7 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
     assert data["runs"] == ["b0", "b1", "b2", "h0", "h1", "h2"]
     assert data["differences"]["harmonic_hiou"]["AP"]["mean"] == pytest.approx(0.04)
     assert [row["contrast"] for row in data["attribution"]] == ["the whole method (Harmonic + HIoU)"]
+    assert data["oracle_split"] == split
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,7 +289,7 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 NOTEBOOK_05 = Path(__file__).resolve().parents[2] / "notebooks" / "05_results.ipynb"
 STEPS = ("load_sweep_runs", "summarize", "paired_differences", "markdown_verdict", "markdown_attribution",
-         "markdown_assumptions", "markdown_claims", "markdown_paper", "markdown_ablation", "results_report")
+         "oracle_split", "markdown_assumptions", "markdown_claims", "markdown_paper", "markdown_ablation", "results_report")
 
 
 def test_results_notebook_shows_each_step_after_a_sentence():
@@ -320,8 +327,10 @@ def test_results_notebook_displays_the_steps_and_writes_the_report(tmp_path):
              if "text/markdown" in o.get("data", {})]
     runs = load_sweep_runs(tmp_path, ["s"])
     summary, diffs = summarize(runs), paired_differences(runs)
+    split = oracle_split(runs)
     assert shown == [markdown_runs(runs), markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"),
-                     markdown_verdict(diffs, "harmonic_hiou"), markdown_attribution(runs), markdown_assumptions(runs),
+                     markdown_verdict(diffs, "harmonic_hiou"), markdown_attribution(runs), markdown_oracle_split(split),
+                     markdown_assumptions(runs),
                      markdown_claims(runs),
                      markdown_paper(summary, diffs, "baseline", "harmonic_hiou", runs), markdown_setting(runs),
                      markdown_ablation(runs)]
@@ -329,7 +338,7 @@ def test_results_notebook_displays_the_steps_and_writes_the_report(tmp_path):
     assert "+4.0 [" in shown[2] and "raises AP by 4.0" in shown[3]
     images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1  # score vs IoU, baseline and main variant side by side
-    assert (tmp_path / "report.md").read_text() == report_markdown(runs, summary, diffs) + "\n"
+    assert (tmp_path / "report.md").read_text() == report_markdown(runs, summary, diffs, split=split) + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["executed", "figures", "report.json", "report.md", "runs"]
 
 
