@@ -383,17 +383,19 @@ RANKING_BEGIN, RANKING_END = "<!-- ranking:begin -->", "<!-- ranking:end -->"
 def run_ranking(runs_dir: Path = ROOT / "results" / "runs", sweeps: dict[str, tuple[str, ...]] | None = None,
                 out: Path = RANKING, doc: Path | None = DOC, root: Path | None = None,
                 confidence: float = 0.95) -> dict[str, Any]:
-    """Where each study's AP difference comes from: its boxes, its scores' consistency inside an object's
-    candidates, or their ranking of objects against background (:mod:`harmonic.experiments.ranking`).
+    """Where each study's AP difference comes from: its boxes, or its scores' consistency inside an object's
+    candidates, their ranking of background, or their ranking across objects (:mod:`harmonic.experiments.ranking`).
 
     Measures every finished run of the baseline and of the chosen variants of each sweep of ``sweeps``
     (sweep -> variants, default :data:`RANKING_SWEEPS`) from its committed detections, on its own
-    validation images (runs already in ``out`` are not measured again; ``out`` is rewritten after each),
+    validation images (a run already in ``out``, measured from the same detections under the same
+    ``ranking.VERSION``, is not measured again; ``out`` is rewritten after each),
     then writes per sweep the paired split into ``out``, the figure beside it (``ranking.png``) and the
     table into the ranking block of ``doc``."""
     from harmonic.experiments.ranking import (
         baseline_levels,
         dataset_truth,
+        is_current,
         markdown_split,
         measure_run,
         paired_split,
@@ -414,14 +416,14 @@ def run_ranking(runs_dir: Path = ROOT / "results" / "runs", sweeps: dict[str, tu
     for sweep, variants in sweeps.items():
         runs = [r for r in load_runs(runs_dir, sweep=sweep) if r.variant in ("baseline", *variants)]
         for run in runs:
-            if run.name not in measured and (run.folder / "detections.json.gz").is_file():
+            if (run.folder / "detections.json.gz").is_file() and not is_current(run, measured.get(run.name)):
                 measured[run.name] = measure_run(run, truth)
                 atomic_write_json(out, {"runs": dict(sorted(measured.items()))})
-                print(run.name, measured[run.name]["AP"], measured[run.name]["AP_oracle"], flush=True)
+                print(run.name, measured[run.name]["AP"], measured[run.name]["AP_ideal"], flush=True)
         split = paired_split(runs, measured, variants, confidence)
         if split:
-            studies.append({"sweep": sweep, "setting": setting_of(runs[0]), "baseline": baseline_levels(runs, measured),
-                            "variants": split})
+            studies.append({"sweep": sweep, "setting": setting_of(runs[0]),
+                            "baseline": baseline_levels(runs, measured, variants), "variants": split})
     if not studies:
         raise ValueError(f"{runs_dir}: no pair of a baseline and a variant of {sorted(sweeps)} with detections")
     figure = plot_split(studies)
@@ -794,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--subset", default="shapes-study", help="a preset or annotation file (default: shapes-study)")
     sub.add_parser("data-lever", help="faster_rcnn_long against faster_rcnn_data on their shared validation images "
                    "(results/testbed/data_lever.json)")
-    sub.add_parser("ranking", help="the method's AP difference split into its boxes' part and its scores' part, by "
+    sub.add_parser("ranking", help="the method's AP difference split into its boxes' part and its scores' parts, by "
                    "oracle re-scoring of the committed detections (results/testbed/ranking.json)")
     w = sub.add_parser("rewatch", help="add the watch statistics to records of runs trained before they were kept")
     w.add_argument("names", nargs="+")

@@ -1,24 +1,26 @@
 """Boxes or scores: where a variant's AP difference from its baseline comes from [D].
 
-:mod:`harmonic.evaluation.oracle` re-scores a run's committed detections twice: inside each object's
-candidates by their IoU (the within-object oracle), and everywhere by their IoU (the full oracle). Per run
-that gives, for AP, AP50 and AP75, the oracle's AP (what the boxes reach when perfectly ranked), the
-within-object gap (what the scores' inconsistency costs, the paper's subject [A]) and the between gap
-(oracle minus within: what the scores cost in telling objects from background and one object from
-another). Paired by seed, a variant's difference from its baseline then splits exactly into three parts
-(:data:`PARTS`), each with its own t-interval:
+:mod:`harmonic.evaluation.oracle` re-scores a run's committed detections in a chain, its boxes unchanged:
+inside each object's candidates by their IoU (*within*), then with the boxes on background below every box
+on an object (*background*), then in the order no other beats (*ideal*: what the boxes allow). Per run that
+gives, for AP, AP50 and AP75, the ideal AP and three gaps; paired by seed, a variant's difference from its
+baseline splits exactly into four parts (:data:`PARTS`), each with its own t-interval:
 
-    difference = d(oracle) - d(within gap) - d(between gap)
-               = boxes + consistency + object-background ranking
+    difference = d(ideal) - d(consistency gap) - d(background gap) - d(across gap)
+               = boxes + consistency + background + across objects
 
-``tools/testbed.py ranking`` measures the committed runs into ``results/testbed/ranking.json`` and writes the
-table into docs/testbed.md and the figure beside the JSON.
+*consistency* is the paper's subject [A]: which of an object's candidates its scores prefer. The chain's
+order is a choice (each gap is measured with the ranking errors after it still in place).
+``tools/testbed.py ranking`` measures the committed studies into ``results/testbed/ranking.json``, the table
+into docs/testbed.md and the figure beside the JSON; notebook 05's report has the section for its main
+variant (:func:`harmonic.experiments.report.oracle_split`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 from collections.abc import Callable
@@ -30,26 +32,45 @@ from harmonic.experiments.report import ARCH_NAMES, Run, paired_differences
 #: the COCO numbers split
 SPLIT_METRICS = ("AP", "AP50", "AP75")
 #: the parts of a difference: (name, the per-run quantity's suffix, its sign in the sum)
-PARTS = (("boxes", "_oracle", 1), ("consistency", "_within_gap", -1), ("object-background ranking", "_between_gap", -1))
+PARTS = (("boxes", "_ideal", 1), ("consistency", "_consistency_gap", -1), ("background", "_background_gap", -1),
+         ("across objects", "_across_gap", -1))
 #: every per-run quantity the paired comparison reads, in percent
-QUANTITIES = tuple(f"{m}{suffix}" for m in SPLIT_METRICS for suffix in ("", "_within", "_oracle", "_within_gap",
-                                                                       "_between_gap", "_gap"))
+QUANTITIES = tuple(f"{m}{suffix}" for m in SPLIT_METRICS
+                   for suffix in ("", "_within", "_background", "_ideal", "_consistency_gap", "_background_gap",
+                                  "_across_gap"))
+#: the version of the measurement (:mod:`harmonic.evaluation.oracle`'s definitions); a cached run measured
+#: under another is measured again
+VERSION = 2
 
 
-def measure_run(run: Run, truth: Callable[[str], Any]) -> dict[str, float]:
+def detections_digest(run: Run) -> str:
+    """The sha256 of a run folder's ``detections.json.gz`` (what a cached measurement was made from)."""
+    return hashlib.sha256((run.folder / "detections.json.gz").read_bytes()).hexdigest()
+
+
+def measure_run(run: Run, truth: Callable[[str], Any]) -> dict[str, Any]:
     """The oracle split of one run folder's ``detections.json.gz`` on its validation images (``truth(dataset)``
-    gives the COCO ground truth of a data set name), as fractions. The detections' own AP must equal the
-    run's metrics.json, or the ground truth is not what the run was evaluated on."""
+    gives the COCO ground truth of a data set name), as fractions, with the detections' digest and
+    :data:`VERSION`. The detections' own AP must equal the run's metrics.json, or the ground truth is not what
+    the run was evaluated on."""
     from harmonic.evaluation.oracle import ranking_decomposition
 
+    if run.metrics.get("AP") is None:
+        raise ValueError(f"{run.folder / 'metrics.json'}: no COCO AP to check the detections against")
     config = json.loads((run.folder / "config.json").read_text())["config"]
     dataset = config.get("val_dataset") or config["dataset"]
     with gzip.open(run.folder / "detections.json.gz", "rt") as f:
         split = ranking_decomposition(truth(dataset), json.load(f))
-    if run.metrics.get("AP") is None or abs(split["AP"] - run.metrics["AP"]) > 1e-6:
-        raise ValueError(f"{run.folder}: its detections give AP {split['AP']:.6f} on {dataset}'s validation images, "
-                         f"its metrics.json {run.metrics.get('AP')}: not the images it was evaluated on")
-    return {k: round(v, 6) for k, v in split.items()}
+    if split["AP"] is None or abs(split["AP"] - run.metrics["AP"]) > 2e-6:
+        raise ValueError(f"{run.folder}: its detections give AP {split['AP']} on {dataset}'s validation images, "
+                         f"its metrics.json {run.metrics['AP']:.6f}: not the images it was evaluated on")
+    return {**split, "detections_sha256": detections_digest(run), "version": VERSION}
+
+
+def is_current(run: Run, measured: dict[str, Any] | None) -> bool:
+    """Whether a cached measurement of ``run`` was made from its present detections under :data:`VERSION`."""
+    return (measured is not None and measured.get("version") == VERSION
+            and measured.get("detections_sha256") == detections_digest(run))
 
 
 def dataset_truth(root: Path | None = None) -> Callable[[str], Any]:
@@ -84,7 +105,8 @@ def paired_split(runs: list[Run], measured: dict[str, dict[str, float]], variant
     ``variants`` with a common seed with ``baseline`` among ``runs``: paired t-intervals (report's
     :func:`~harmonic.experiments.report.paired_differences`) in AP points of the difference and of each of
     :data:`PARTS`, signed so that the parts add up to the difference."""
-    scored = [Run(r.name, r.folder, r.variant, r.seed, r.sweep, {k: 100 * v for k, v in measured[r.name].items()})
+    scored = [Run(r.name, r.folder, r.variant, r.seed, r.sweep,
+                  {k: 100 * measured[r.name][k] for k in QUANTITIES if measured[r.name].get(k) is not None})
               for r in runs if r.name in measured and r.variant in (baseline, *variants)]
     out: dict[str, Any] = {}
     for variant, by_q in paired_differences(scored, baseline, metrics=QUANTITIES, confidence=confidence).items():
@@ -104,10 +126,14 @@ def paired_split(runs: list[Run], measured: dict[str, dict[str, float]], variant
     return {variant: out[variant] for variant in variants if variant in out}  # in the order asked for
 
 
-def baseline_levels(runs: list[Run], measured: dict[str, dict[str, float]], baseline: str = "baseline") -> dict[str, float]:
-    """The baseline's own AP, within-object oracle AP and full oracle AP, means over its seeds, in percent."""
-    rows = [measured[r.name] for r in runs if r.variant == baseline and r.name in measured]
-    return {q: 100 * sum(row[q] for row in rows) / len(rows) for q in ("AP", "AP_within", "AP_oracle")} if rows else {}
+def baseline_levels(runs: list[Run], measured: dict[str, dict[str, Any]], variants: tuple[str, ...],
+                    baseline: str = "baseline") -> dict[str, float]:
+    """The baseline's AP at each level of the chain (own, within, background, ideal), means over the seeds it
+    shares with one of ``variants``, in percent."""
+    seeds = {r.seed for r in runs if r.variant in variants and r.name in measured}
+    rows = [measured[r.name] for r in runs if r.variant == baseline and r.name in measured and r.seed in seeds]
+    return ({q: 100 * sum(row[q] for row in rows) / len(rows) for q in ("AP", "AP_within", "AP_background", "AP_ideal")}
+            if rows else {})
 
 
 def _cell(entry: dict[str, Any]) -> str:
@@ -122,12 +148,12 @@ def markdown_split(studies: list[dict[str, Any]], metric: str = "AP") -> str:
     """The table of :func:`paired_split` results: one row per study and variant. ``studies``: dicts with
     ``sweep``, ``setting``, ``baseline`` (:func:`baseline_levels`) and ``variants`` (:func:`paired_split`)."""
     names = [part for part, _, _ in PARTS]
-    lines = [f"| study | variant | pairs | baseline {metric}: own / within-object oracle / full oracle | "
+    lines = [f"| study | variant | pairs | baseline {metric}: own / within / background / ideal | "
              f"{metric} difference | " + " | ".join(names) + " |",
              "|---|---|---|---|---|" + "---|" * len(names)]
     for study in studies:
         levels = study["baseline"]
-        level = (f"{levels['AP']:.1f} / {levels['AP_within']:.1f} / {levels['AP_oracle']:.1f}"
+        level = (" / ".join(f"{levels[q]:.1f}" for q in ("AP", "AP_within", "AP_background", "AP_ideal"))
                  if metric == "AP" and levels else "")
         for variant, row in study["variants"].items():
             lines.append(f"| {study['setting']} (`{study['sweep']}`) | `{variant}` | {row['pairs']} | {level} | "
@@ -137,8 +163,8 @@ def markdown_split(studies: list[dict[str, Any]], metric: str = "AP") -> str:
 
 
 def plot_split(studies: list[dict[str, Any]], metric: str = "AP", path: Path | None = None, dpi: int = 100):
-    """Each study's variant against its baseline: the difference and its three parts as bars with 95%
-    intervals, one group per study and variant."""
+    """Each study's variant against its baseline: the difference and its parts (:data:`PARTS`) as bars with
+    95% intervals, one group per study and variant."""
     import numpy as np
 
     from harmonic.utils.figures import caption, finish, new_figure
@@ -161,6 +187,6 @@ def plot_split(studies: list[dict[str, Any]], metric: str = "AP", path: Path | N
     ax.set_xlabel(f"{metric} points, variant minus baseline (paired by seed, 95% interval)")
     ax.set_title(f"where the {metric} difference comes from: boxes or scores [D]", fontsize=10)
     ax.legend(fontsize=7, loc="best")
-    caption(fig, "boxes: the full oracle's AP (scores = IoU); consistency: scores permuted inside each object's "
-                 "candidates;\nobject-background ranking: the rest. The parts add up to the difference.")
+    caption(fig, "boxes: the AP of the ideal order; consistency: each object's candidates ranked by IoU; background:\n"
+                 "boxes on background below all others; across objects: the rest. The parts add up to the difference.")
     return finish(fig, path, dpi)

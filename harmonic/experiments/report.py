@@ -712,13 +712,14 @@ def markdown_claims(runs: list[Run], main_variant: str = "harmonic_hiou") -> str
 def oracle_split(runs: list[Run], main_variant: str = "harmonic_hiou", baseline: str = "baseline",
                  truth=None) -> dict[str, Any]:
     """Boxes or scores (:mod:`harmonic.experiments.ranking`): ``main_variant``'s AP difference from
-    ``baseline`` split into its boxes, its scores' consistency inside an object and its ranking of objects
-    against background, from the committed detections of the runs of both (on their validation images, ground
-    truth from ``truth(dataset)``, default :func:`~harmonic.experiments.ranking.dataset_truth`).
+    ``baseline`` split into its boxes, its scores' consistency inside an object, their ranking of background
+    and their ranking across objects, from the committed detections of the runs of both (on their validation
+    images, ground truth from ``truth(dataset)``, default :func:`~harmonic.experiments.ranking.dataset_truth`).
 
     Returns ``{"setting", "sweep", "baseline", "variants", "runs"}`` (the study of
     :func:`~harmonic.experiments.ranking.markdown_split`, with each run's measured split), or ``{"reason"}``
-    saying why there is nothing to split: no pair with detections, or detections that do not give a run's AP."""
+    saying why there is nothing to split: no pair with detections, or detections that cannot be read or do
+    not give a run's AP."""
     from harmonic.experiments.ranking import (
         baseline_levels,
         dataset_truth,
@@ -735,16 +736,18 @@ def oracle_split(runs: list[Run], main_variant: str = "harmonic_hiou", baseline:
     truth = dataset_truth() if truth is None else truth
     try:
         measured = {r.name: measure_run(r, truth) for r in chosen}
-    except ValueError as err:
-        return {"reason": str(err)}
-    main = [r for r in chosen if r.variant == main_variant]
-    return {"setting": setting_of(main[0]), "sweep": main[0].sweep or "",
-            "baseline": baseline_levels(chosen, measured, baseline),
+        main = [r for r in chosen if r.variant == main_variant]
+        settings = sorted({setting_of(r) for r in main})
+    except (ValueError, OSError, KeyError) as err:
+        return {"reason": f"{type(err).__name__}: {err}"}
+    return {"setting": "; ".join(settings), "sweep": ", ".join(sorted({r.sweep or "" for r in main})),
+            "baseline": baseline_levels(chosen, measured, (main_variant,), baseline),
             "variants": paired_split(chosen, measured, (main_variant,), baseline=baseline), "runs": measured}
 
 
 def markdown_oracle_split(split: dict[str, Any]) -> str:
     """The report's section on :func:`oracle_split`: its table, or why there is none."""
+    from harmonic.evaluation.oracle import MIN_IOU
     from harmonic.experiments.ranking import markdown_split
 
     if "reason" in split:
@@ -752,12 +755,14 @@ def markdown_oracle_split(split: dict[str, Any]) -> str:
     return "\n".join([
         markdown_split([split]),
         "",
-        "Each detection re-scored by its IoU with its object, inside each object's candidates (the within-object "
-        "oracle) or everywhere (the full oracle), its box unchanged (`harmonic/evaluation/oracle.py`). *Boxes*: "
-        "the difference of the full oracle's AP, what the boxes reach when perfectly ranked; *consistency*: what "
-        "ranking each object's candidates by IoU changes, the paper's subject [A]; *object-background ranking*: "
-        "the rest. Each part is a paired difference by seed with its own 95% t-interval, signed so that the "
-        "parts add up to the AP difference [D].",
+        "Each run's detections re-scored in a chain, their boxes unchanged (`harmonic/evaluation/oracle.py`): "
+        "*within*, each object's candidates ranked by their IoU with it; *background*, then the boxes on no object "
+        f"(IoU below {MIN_IOU:g}) moved below all others; *ideal*, then every object's best box first, the order no other "
+        "beats. *Boxes*: the difference of the ideal AP, what the boxes allow; *consistency*: what ranking each "
+        "object's candidates by IoU changes, the paper's subject [A]; *background*: what the boxes on background "
+        "ranked above objects change; *across objects*: the rest (one object's best box against other objects' "
+        "boxes and duplicates). Each part is a paired difference by seed with its own 95% t-interval, signed so "
+        "that the parts add up to the AP difference; the chain's order is a choice [D].",
     ])
 
 

@@ -1,5 +1,5 @@
-"""The oracle re-scorings: the same detections ranked by their IoU, inside each object or in all, and the
-split of AP they give."""
+"""The oracle chain: the same detections re-scored inside each object, with background last, and in the
+ideal order, and the split of AP it gives."""
 
 from __future__ import annotations
 
@@ -11,13 +11,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from harmonic.evaluation import coco_evaluate
-from harmonic.evaluation.oracle import (
-    TIE_BREAK,
-    oracle_rescored,
-    owners,
-    ranking_decomposition,
-    within_object_rescored,
-)
+from harmonic.evaluation.oracle import GAPS, MAX_DETS, capped, oracle_scores, owners, ranking_decomposition
 
 
 def truth(objects, n_images=2):
@@ -38,70 +32,69 @@ def det(image_id, category_id, bbox, score):
     return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
 
 
-def test_the_owner_is_the_best_same_category_non_crowd_overlap():
+def test_the_owner_is_the_best_same_category_non_crowd_overlap_above_the_minimum():
     gt = truth([(1, 1, [0, 0, 10, 10], 0), (1, 1, [20, 0, 10, 10], 0), (1, 2, [0, 0, 10, 10], 0),
                 (2, 1, [50, 50, 20, 20], 1)])
     dets = [det(1, 1, [0, 0, 10, 5], 0.9),   # half of the first object: 0.5
             det(1, 1, [25, 0, 10, 10], 0.8),  # half-shifted over the second: 50 / 150
-            det(1, 2, [0, 0, 10, 10], 0.1),  # exactly category 2's object
+            det(np.int64(1), 2, [0, 0, 10, 10], 0.1),  # exactly category 2's object (a numpy image id)
             det(1, 2, [20, 0, 10, 10], 0.7),  # on a category-1 object only: 0
-            det(2, 1, [50, 50, 20, 20], 0.6)]  # on a crowd region only: 0
+            det(2, 1, [50, 50, 20, 20], 0.6),  # on a crowd region only: 0
+            det(1, 1, [9, 0, 10, 10], 0.5)]  # touches the first object: IoU 10 / 190, below the minimum
     ious, owner = owners(gt, dets)
-    np.testing.assert_allclose(ious, [0.5, 50 / 150, 1.0, 0.0, 0.0])
-    assert owner.tolist() == [1, 2, 3, -1, -1]
+    np.testing.assert_allclose(ious, [0.5, 50 / 150, 1.0, 0.0, 0.0, 10 / 190])
+    assert owner.tolist() == [1, 2, 3, -1, -1, -1]
+    assert owners(gt, dets, min_iou=0.05)[1].tolist() == [1, 2, 3, -1, -1, 1]
 
 
-def test_the_rescored_copies_change_only_the_score_and_keep_the_order_among_equal_ious():
-    gt = truth([(1, 1, [0, 0, 10, 10], 0)])
-    dets = [det(1, 2, [0, 0, 10, 10], 0.3), det(1, 2, [0, 0, 10, 10], 0.9), det(1, 1, [0, 0, 10, 10], 0.05)]
-    rescored = oracle_rescored(gt, dets)
-    assert [{k: v for k, v in d.items() if k != "score"} for d in rescored] == [
-        {k: v for k, v in d.items() if k != "score"} for d in dets]
-    assert dets[0]["score"] == 0.3  # the input is not modified
-    assert rescored[1]["score"] > rescored[0]["score"] > 0  # no overlap: the detector's own order
-    assert rescored[1]["score"] <= TIE_BREAK
-    assert rescored[2]["score"] == pytest.approx(1.0, abs=1e-5)  # the exact box first, whatever its own score
-
-
-def test_a_poor_box_scored_above_a_good_one_costs_ap_that_the_oracle_recovers():
+def test_the_chain_permutes_inside_objects_then_drops_background_then_puts_best_boxes_first():
     gt = truth([(1, 1, [0, 0, 40, 40], 0), (2, 1, [100, 100, 40, 40], 0)])
-    dets = [det(1, 1, [8, 0, 40, 40], 0.9),  # IoU 32 / 48 = 0.67: a match up to threshold 0.65 only
-            det(1, 1, [0, 0, 40, 40], 0.5),  # exact: a duplicate of the first below 0.65
-            det(2, 1, [100, 100, 40, 40], 0.8)]
-    within = within_object_rescored(gt, dets)
-    assert [d["score"] for d in within] == [0.5, 0.9, 0.8]  # object 1's two scores swapped, the rest kept
+    dets = [det(1, 1, [100, 100, 40, 40], 0.95),  # background (no object there in image 1)
+            det(1, 1, [8, 0, 40, 40], 0.9),  # IoU 32 / 48 with object 1
+            det(1, 1, [0, 0, 40, 40], 0.5),  # exact: object 1's best box
+            det(1, 1, [2, 0, 40, 40], 0.6),  # IoU 1520 / 1680: a duplicate
+            det(2, 1, [100, 100, 40, 40], 0.3)]  # exact: object 2's only box
+    scores = oracle_scores(gt, dets)
+    assert scores["within"].tolist() == [0.95, 0.5, 0.9, 0.6, 0.3]  # object 1's scores follow IoU, the rest stay
+    assert np.argsort(-scores["background"]).tolist() == [2, 3, 1, 4, 0]  # the same order with background last
+    assert np.argsort(-scores["ideal"]).tolist() == [2, 4, 3, 1, 0]  # best boxes, then the rest by IoU, background
     split = ranking_decomposition(gt, dets)
-    assert split["AP_oracle"] == pytest.approx(1.0)  # ranked by IoU, the exact boxes come first everywhere
-    assert split["AP_within"] == pytest.approx(1.0)  # here the cost is all inside object 1's group
-    assert split["AP"] < 0.95  # with its own scores the poor box wins above 0.65
-    assert split["AP_gap"] == pytest.approx(split["AP_oracle"] - split["AP"])
-    assert split["AP50_gap"] == pytest.approx(0.0)  # at IoU 0.5 both orders match both objects first
-    assert split["AP"] == pytest.approx(coco_evaluate(gt, dets)["AP"])
+    assert split["AP"] < split["AP_within"] < split["AP_background"] < split["AP_ideal"] == 1.0
+    for m in ("AP", "AP50", "AP75"):  # the gaps are the steps of the chain and add up to the whole
+        gaps = [split[f"{m}_{g}_gap"] for g in GAPS]
+        assert all(g >= -1e-12 for g in gaps[1:]) and sum(gaps) == pytest.approx(split[f"{m}_ideal"] - split[m])
+    assert split["AP"] == pytest.approx(coco_evaluate(gt, dets)["AP"], abs=1e-6)
 
 
-def test_boxes_already_ranked_by_their_iou_have_no_ranking_gap_and_missed_objects_stay_missed():
+def test_the_ideal_order_keeps_a_duplicate_below_another_objects_best_box():
+    gt = truth([(1, 1, [0, 0, 40, 40], 0), (1, 1, [100, 100, 40, 40], 0)], n_images=1)
+    dets = [det(1, 1, [0, 0, 40, 40], 0.9), det(1, 1, [0, 0, 40, 39], 0.1), det(1, 1, [100, 100, 40, 24], 0.8)]
+    split = ranking_decomposition(gt, dets)  # ranking by IoU alone would put the duplicate (0.975) above b (0.6)
+    assert split["AP50"] == split["AP50_ideal"] == 1.0 and split["AP50_across_gap"] == 0.0
+
+
+def test_ties_in_iou_keep_the_detectors_order_and_boxes_ranked_by_iou_have_no_gap():
     gt = truth([(1, 1, [0, 0, 40, 40], 0), (1, 2, [60, 60, 40, 40], 0), (2, 1, [100, 100, 40, 40], 0)])
-    dets = [det(1, 1, [0, 0, 40, 40], 0.9), det(1, 2, [64, 60, 40, 40], 0.7), det(1, 1, [120, 0, 30, 30], 0.2)]
+    dets = [det(1, 1, [0, 0, 40, 40], 0.9), det(1, 1, [0, 0, 40, 40], 0.7), det(1, 2, [64, 60, 40, 40], 0.7),
+            det(1, 1, [120, 0, 30, 30], 0.2)]
+    scores = oracle_scores(gt, dets)
+    assert scores["within"][:2].tolist() == [0.9, 0.7] and scores["ideal"][0] > scores["ideal"][1]
     split = ranking_decomposition(gt, dets)
     for m in ("AP", "AP50", "AP75"):
-        assert split[f"{m}_gap"] == pytest.approx(0.0, abs=1e-12)
-        assert split[f"{m}_within_gap"] == pytest.approx(0.0, abs=1e-12)
+        assert all(split[f"{m}_{g}_gap"] == pytest.approx(0.0, abs=1e-12) for g in GAPS)
     assert split["AP50"] < 1.0  # image 2's object was never detected: no ranking brings it back
-    only_first = ranking_decomposition(gt, dets, img_ids=[1])
-    assert only_first["AP50"] == pytest.approx(1.0)
+    assert ranking_decomposition(gt, dets, img_ids=[1])["AP50"] == pytest.approx(1.0)
 
 
-def test_a_confident_false_positive_is_what_only_the_full_oracle_removes():
-    gt = truth([(1, 1, [0, 0, 40, 40], 0)])
-    dets = [det(1, 1, [100, 100, 40, 40], 0.9), det(1, 1, [0, 0, 40, 40], 0.5), det(1, 1, [4, 0, 40, 40], 0.6)]
-    within = within_object_rescored(gt, dets)
-    assert sorted(d["score"] for d in within) == sorted(d["score"] for d in dets)  # a permutation of the scores
-    assert [d["score"] for d in within] == [0.9, 0.6, 0.5]  # the exact box takes its group's best score
+def test_only_the_detections_cocoeval_would_keep_are_ranked():
+    gt = truth([(1, 1, [0, 0, 40, 40], 0)], n_images=1)
+    # 101 boxes on background scored above the object's exact box: COCOeval cuts that box (the 102nd)
+    dets = [det(1, 1, [150, 150, 10, 10], 0.9)] * 101 + [det(1, 1, [0, 0, 40, 40], 0.1)]
+    kept = capped(gt, dets)
+    assert len(kept) == MAX_DETS and all(d["score"] == 0.9 for d in kept)
     split = ranking_decomposition(gt, dets)
-    assert split["AP50_within_gap"] == pytest.approx(0.0)  # the background box still comes first
-    assert split["AP50"] == pytest.approx(0.5, abs=0.01) and split["AP50_oracle"] == pytest.approx(1.0)
-    assert split["AP_within_gap"] > 0  # above IoU 0.9 the exact box now wins its group
-    assert split["AP_gap"] > split["AP_within_gap"]
+    assert split["AP"] == split["AP_ideal"] == 0.0  # the cut box is not brought back by re-scoring
+    assert split["AP"] == coco_evaluate(gt, dets)["AP"]
 
 
 def test_bad_detections_are_refused_by_index_and_key():
@@ -110,3 +103,4 @@ def test_bad_detections_are_refused_by_index_and_key():
         owners(gt, [det(1, 1, [0, 0, 1, 1], 0.5), {"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}])
     with pytest.raises(ValueError, match=r"coco_results\[0\]: image_id 9 is not an image"):
         owners(gt, [det(9, 1, [0, 0, 1, 1], 0.5)])
+    assert ranking_decomposition(gt, [])["AP_ideal"] == 0.0

@@ -11,6 +11,9 @@ import pytest
 from harmonic.experiments.ranking import (
     PARTS,
     QUANTITIES,
+    VERSION,
+    baseline_levels,
+    is_current,
     markdown_split,
     measure_run,
     paired_split,
@@ -19,18 +22,21 @@ from harmonic.experiments.ranking import (
 from harmonic.experiments.report import Run
 
 
-def _measured(ap, within, oracle):
-    """A run's split as fractions, the gaps derived as measure_run derives them (AP50 and AP75 alike)."""
+def _measured(ap, within, background, ideal):
+    """A run's split as fractions, the gaps derived as the oracle chain derives them (AP50 and AP75 alike)."""
     row = {}
     for m in ("AP", "AP50", "AP75"):
-        row.update({m: ap, f"{m}_within": within, f"{m}_oracle": oracle, f"{m}_within_gap": within - ap,
-                    f"{m}_between_gap": oracle - within, f"{m}_gap": oracle - ap})
+        row.update({m: ap, f"{m}_within": within, f"{m}_background": background, f"{m}_ideal": ideal,
+                    f"{m}_consistency_gap": within - ap, f"{m}_background_gap": background - within,
+                    f"{m}_across_gap": ideal - background})
     return row
 
 
 def _runs_and_split():
-    values = {("baseline", 0): (0.30, 0.32, 0.50), ("baseline", 1): (0.32, 0.35, 0.54), ("baseline", 2): (0.31, 0.33, 0.52),
-              ("m", 0): (0.27, 0.28, 0.51), ("m", 1): (0.30, 0.32, 0.56), ("m", 2): (0.28, 0.30, 0.52)}
+    values = {("baseline", 0): (0.30, 0.32, 0.40, 0.50), ("baseline", 1): (0.32, 0.35, 0.45, 0.54),
+              ("baseline", 2): (0.31, 0.33, 0.41, 0.52), ("m", 0): (0.27, 0.28, 0.35, 0.51),
+              ("m", 1): (0.30, 0.32, 0.42, 0.56), ("m", 2): (0.28, 0.30, 0.36, 0.52),
+              ("baseline", 7): (0.1, 0.1, 0.1, 0.1)}  # no pair: left out of the levels
     runs = [Run(f"s-{v}-s{seed}", Path("."), v, seed, "s") for v, seed in values]
     measured = {f"s-{v}-s{seed}": _measured(*vals) for (v, seed), vals in values.items()}
     return runs, measured, values
@@ -40,11 +46,11 @@ def test_the_parts_add_up_to_the_paired_difference_with_their_signs():
     runs, measured, values = _runs_and_split()
     split = paired_split(runs, measured, ("m",))
     row = split["m"]
-    assert row["pairs"] == 3 and set(QUANTITIES) >= {"AP_oracle", "AP_within_gap", "AP_between_gap"}
+    assert row["pairs"] == 3 and set(QUANTITIES) >= {"AP_ideal", "AP_consistency_gap", "AP_background_gap"}
     diff = sum(100 * (values["m", s][0] - values["baseline", s][0]) for s in range(3)) / 3
     assert row["difference"]["AP"]["mean"] == pytest.approx(diff)
     parts = row["parts"]["AP"]
-    boxes = sum(100 * (values["m", s][2] - values["baseline", s][2]) for s in range(3)) / 3
+    boxes = sum(100 * (values["m", s][3] - values["baseline", s][3]) for s in range(3)) / 3
     consistency = -sum(100 * ((values["m", s][1] - values["m", s][0]) - (values["baseline", s][1] - values["baseline", s][0]))
                        for s in range(3)) / 3
     assert parts["boxes"]["mean"] == pytest.approx(boxes)
@@ -57,12 +63,14 @@ def test_the_parts_add_up_to_the_paired_difference_with_their_signs():
 
 def test_the_table_and_the_figure_show_every_study_and_variant():
     runs, measured, _ = _runs_and_split()
+    levels = baseline_levels(runs, measured, ("m",))
+    assert levels["AP"] == pytest.approx(31.0) and levels["AP_ideal"] == pytest.approx(52.0)  # seed 7 unpaired
     studies = [{"sweep": "s", "setting": "Faster R-CNN, 4800 iterations, d", "variants": paired_split(runs, measured, ("m",)),
-                "baseline": {"AP": 31.0, "AP_within": 33.3, "AP_oracle": 52.0}}]
+                "baseline": levels}]
     table = markdown_split(studies)
     lines = table.splitlines()
     assert len(lines) == 3 and lines[0].count("|") == lines[2].count("|")
-    assert lines[2].startswith("| Faster R-CNN, 4800 iterations, d (`s`) | `m` | 3 | 31.0 / 33.3 / 52.0 | -2.7 [")
+    assert lines[2].startswith("| Faster R-CNN, 4800 iterations, d (`s`) | `m` | 3 | 31.0 / 33.3 / 42.0 / 52.0 | -2.7 [")
     fig = plot_split(studies)
     ax = fig.axes[0]
     assert len(ax.containers) >= 1 + len(PARTS)  # the difference and each part
@@ -89,10 +97,17 @@ def test_measure_run_refuses_detections_that_do_not_give_the_runs_ap(tmp_path):
         json.dump([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "score": 0.9}], f)
     seen = []
     truth = lambda name: seen.append(name) or gt  # noqa: E731
-    row = measure_run(Run(folder.name, folder, "baseline", 0, "r", {"AP": 1.0}), truth)
-    assert seen == ["d"] and row["AP"] == row["AP_oracle"] == 1.0 and row["AP_between_gap"] == 0.0
-    with pytest.raises(ValueError, match="r-baseline-s0: its detections give AP 1.000000"):
-        measure_run(Run(folder.name, folder, "baseline", 0, "r", {"AP": 0.5}), truth)
+    run = Run(folder.name, folder, "baseline", 0, "r", {"AP": 1.0})
+    row = measure_run(run, truth)
+    assert seen == ["d"] and row["AP"] == row["AP_ideal"] == 1.0 and row["AP_across_gap"] == 0.0
+    assert is_current(run, row) and not is_current(run, {**row, "version": VERSION - 1})
+    with gzip.open(folder / "detections.json.gz", "wt") as f:  # other detections: the cached row is stale
+        json.dump([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 10], "score": 0.9}], f)
+    assert not is_current(run, row)
+    with pytest.raises(ValueError, match="r-baseline-s0: its detections give AP 0.1 on d"):
+        measure_run(run, truth)
+    with pytest.raises(ValueError, match="metrics.json: no COCO AP"):
+        measure_run(Run(folder.name, folder, "baseline", 0, "r", {}), truth)
 
 
 def test_the_report_splits_its_main_variant_from_committed_detections_or_says_why_not(tmp_path):
@@ -131,10 +146,10 @@ def test_the_report_splits_its_main_variant_from_committed_detections_or_says_wh
     row = split["variants"]["harmonic_hiou"]
     assert row["pairs"] == 2 and row["difference"]["AP"]["mean"] < 0
     assert row["parts"]["AP"]["boxes"]["mean"] == 0.0  # the same boxes: the whole difference is in the scores
-    assert row["parts"]["AP"]["consistency"]["mean"] == pytest.approx(row["difference"]["AP"]["mean"], abs=1e-3)
+    assert row["parts"]["AP"]["consistency"]["mean"] == pytest.approx(row["difference"]["AP"]["mean"], abs=1e-9)
     text = markdown_oracle_split(split)
     assert text.splitlines()[2].startswith("| Faster R-CNN, 8 iterations, d (`s`) | `harmonic_hiou` | 2 |")
     (tmp_path / "runs" / "baseline-s1" / "metrics.json").write_text(json.dumps({"coco": {"AP": 0.01}}))
     refused = oracle_split(load_sweep_runs(tmp_path, ["s"]), truth=lambda name: gt)
-    assert "baseline-s1: its detections give AP" in refused["reason"]
+    assert refused["reason"].startswith("ValueError: ") and "baseline-s1: its detections give AP" in refused["reason"]
     assert markdown_oracle_split(refused).startswith("Not split [D]: ")
