@@ -13,7 +13,7 @@ baseline splits exactly into four parts (:data:`PARTS`), each with its own t-int
 order is a choice (each gap is measured with the ranking errors after it still in place).
 ``tools/testbed.py ranking`` measures the committed studies into ``results/testbed/ranking.json``, the table
 into docs/testbed.md and the figure beside the JSON; notebook 05's report has the section for its main
-variant (:func:`harmonic.experiments.report.oracle_split`).
+variant (:func:`oracle_split`, :func:`markdown_oracle_split`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from pycocotools.coco import COCO
+
+from harmonic.data import resolve_dataset
+from harmonic.evaluation.oracle import MIN_IOU, ranking_decomposition
 from harmonic.experiments.report import ARCH_NAMES, Run, paired_differences
+from harmonic.utils.figures import caption, finish, new_figure
 
 #: the COCO numbers split
 SPLIT_METRICS = ("AP", "AP50", "AP75")
@@ -53,8 +59,6 @@ def measure_run(run: Run, truth: Callable[[str], Any]) -> dict[str, Any]:
     gives the COCO ground truth of a data set name), as fractions, with the detections' digest and
     :data:`VERSION`. The detections' own AP must equal the run's metrics.json, or the ground truth is not what
     the run was evaluated on."""
-    from harmonic.evaluation.oracle import ranking_decomposition
-
     if run.metrics.get("AP") is None:
         raise ValueError(f"{run.folder / 'metrics.json'}: no COCO AP to check the detections against")
     config = json.loads((run.folder / "config.json").read_text())["config"]
@@ -76,10 +80,6 @@ def is_current(run: Run, measured: dict[str, Any] | None) -> bool:
 def dataset_truth(root: Path | None = None) -> Callable[[str], Any]:
     """``truth(dataset)``: the COCO ground truth of a data set's validation split (a preset name, generated
     where missing, or an annotation file), loaded once per data set."""
-    from pycocotools.coco import COCO
-
-    from harmonic.data import resolve_dataset
-
     cache: dict[str, Any] = {}
 
     def truth(dataset: str) -> Any:
@@ -165,10 +165,6 @@ def markdown_split(studies: list[dict[str, Any]], metric: str = "AP") -> str:
 def plot_split(studies: list[dict[str, Any]], metric: str = "AP", path: Path | None = None, dpi: int = 100):
     """Each study's variant against its baseline: the difference and its parts (:data:`PARTS`) as bars with
     95% intervals, one group per study and variant."""
-    import numpy as np
-
-    from harmonic.utils.figures import caption, finish, new_figure
-
     rows = [(f"{study['setting']}\n{variant}", row) for study in studies for variant, row in study["variants"].items()]
     fig = new_figure((7.2, 0.75 * len(rows) + 1.6))
     ax = fig.add_subplot()
@@ -190,3 +186,49 @@ def plot_split(studies: list[dict[str, Any]], metric: str = "AP", path: Path | N
     caption(fig, "boxes: the AP of the ideal order; consistency: each object's candidates ranked by IoU; background:\n"
                  "boxes on background below all others; across objects: the rest. The parts add up to the difference.")
     return finish(fig, path, dpi)
+
+
+def oracle_split(runs: list[Run], main_variant: str = "harmonic_hiou", baseline: str = "baseline",
+                 truth=None) -> dict[str, Any]:
+    """Boxes or scores, the report's section (notebook 05): ``main_variant``'s AP difference from
+    ``baseline`` split into its boxes, its scores' consistency inside an object, their ranking of background
+    and their ranking across objects, from the committed detections of the runs of both (on their validation
+    images, ground truth from ``truth(dataset)``, default :func:`dataset_truth`).
+
+    Returns ``{"setting", "sweep", "baseline", "variants", "runs"}`` (the study of
+    :func:`markdown_split`, with each run's measured split), or ``{"reason"}``
+    saying why there is nothing to split: no pair with detections, or detections that cannot be read or do
+    not give a run's AP."""
+    chosen = [r for r in runs if r.variant in (baseline, main_variant) and (r.folder / "detections.json.gz").is_file()]
+    seeds = {v: {r.seed for r in chosen if r.variant == v} for v in (baseline, main_variant)}
+    if not seeds[baseline] & seeds[main_variant]:
+        return {"reason": f"no seed has both a `{baseline}` and a `{main_variant}` run with its detections "
+                          "(detections.json.gz) in these sweeps"}
+    truth = dataset_truth() if truth is None else truth
+    try:
+        measured = {r.name: measure_run(r, truth) for r in chosen}
+        main = [r for r in chosen if r.variant == main_variant]
+        settings = sorted({setting_of(r) for r in main})
+    except (ValueError, OSError, KeyError) as err:
+        return {"reason": f"{type(err).__name__}: {err}"}
+    return {"setting": "; ".join(settings), "sweep": ", ".join(sorted({r.sweep or "" for r in main})),
+            "baseline": baseline_levels(chosen, measured, (main_variant,), baseline),
+            "variants": paired_split(chosen, measured, (main_variant,), baseline=baseline), "runs": measured}
+
+
+def markdown_oracle_split(split: dict[str, Any]) -> str:
+    """The report's section on :func:`oracle_split`: its table, or why there is none."""
+    if "reason" in split:
+        return f"Not split [D]: {split['reason']}."
+    return "\n".join([
+        markdown_split([split]),
+        "",
+        "Each run's detections re-scored in a chain, their boxes unchanged (`harmonic/evaluation/oracle.py`): "
+        "*within*, each object's candidates ranked by their IoU with it; *background*, then the boxes on no object "
+        f"(IoU below {MIN_IOU:g}) moved below all others; *ideal*, then every object's best box first, the order no other "
+        "beats. *Boxes*: the difference of the ideal AP, what the boxes allow; *consistency*: what ranking each "
+        "object's candidates by IoU changes, the paper's subject [A]; *background*: what the boxes on background "
+        "ranked above objects change; *across objects*: the rest (one object's best box against other objects' "
+        "boxes and duplicates). Each part is a paired difference by seed with its own 95% t-interval, signed so "
+        "that the parts add up to the AP difference; the chain's order is a choice [D].",
+    ])

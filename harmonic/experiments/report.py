@@ -709,67 +709,10 @@ def markdown_claims(runs: list[Run], main_variant: str = "harmonic_hiou") -> str
     return "\n".join(lines)
 
 
-def oracle_split(runs: list[Run], main_variant: str = "harmonic_hiou", baseline: str = "baseline",
-                 truth=None) -> dict[str, Any]:
-    """Boxes or scores (:mod:`harmonic.experiments.ranking`): ``main_variant``'s AP difference from
-    ``baseline`` split into its boxes, its scores' consistency inside an object, their ranking of background
-    and their ranking across objects, from the committed detections of the runs of both (on their validation
-    images, ground truth from ``truth(dataset)``, default :func:`~harmonic.experiments.ranking.dataset_truth`).
-
-    Returns ``{"setting", "sweep", "baseline", "variants", "runs"}`` (the study of
-    :func:`~harmonic.experiments.ranking.markdown_split`, with each run's measured split), or ``{"reason"}``
-    saying why there is nothing to split: no pair with detections, or detections that cannot be read or do
-    not give a run's AP."""
-    from harmonic.experiments.ranking import (
-        baseline_levels,
-        dataset_truth,
-        measure_run,
-        paired_split,
-        setting_of,
-    )
-
-    chosen = [r for r in runs if r.variant in (baseline, main_variant) and (r.folder / "detections.json.gz").is_file()]
-    seeds = {v: {r.seed for r in chosen if r.variant == v} for v in (baseline, main_variant)}
-    if not seeds[baseline] & seeds[main_variant]:
-        return {"reason": f"no seed has both a `{baseline}` and a `{main_variant}` run with its detections "
-                          "(detections.json.gz) in these sweeps"}
-    truth = dataset_truth() if truth is None else truth
-    try:
-        measured = {r.name: measure_run(r, truth) for r in chosen}
-        main = [r for r in chosen if r.variant == main_variant]
-        settings = sorted({setting_of(r) for r in main})
-    except (ValueError, OSError, KeyError) as err:
-        return {"reason": f"{type(err).__name__}: {err}"}
-    return {"setting": "; ".join(settings), "sweep": ", ".join(sorted({r.sweep or "" for r in main})),
-            "baseline": baseline_levels(chosen, measured, (main_variant,), baseline),
-            "variants": paired_split(chosen, measured, (main_variant,), baseline=baseline), "runs": measured}
-
-
-def markdown_oracle_split(split: dict[str, Any]) -> str:
-    """The report's section on :func:`oracle_split`: its table, or why there is none."""
-    from harmonic.evaluation.oracle import MIN_IOU
-    from harmonic.experiments.ranking import markdown_split
-
-    if "reason" in split:
-        return f"Not split [D]: {split['reason']}."
-    return "\n".join([
-        markdown_split([split]),
-        "",
-        "Each run's detections re-scored in a chain, their boxes unchanged (`harmonic/evaluation/oracle.py`): "
-        "*within*, each object's candidates ranked by their IoU with it; *background*, then the boxes on no object "
-        f"(IoU below {MIN_IOU:g}) moved below all others; *ideal*, then every object's best box first, the order no other "
-        "beats. *Boxes*: the difference of the ideal AP, what the boxes allow; *consistency*: what ranking each "
-        "object's candidates by IoU changes, the paper's subject [A]; *background*: what the boxes on background "
-        "ranked above objects change; *across objects*: the rest (one object's best box against other objects' "
-        "boxes and duplicates). Each part is a paired difference by seed with its own 95% t-interval, signed so "
-        "that the parts add up to the AP difference; the chain's order is a choice [D].",
-    ])
-
-
 def report_markdown(runs: list[Run], summary, diffs, *, baseline: str = "baseline",
-                    main_variant: str = "harmonic_hiou", split: dict[str, Any] | None = None) -> str:
+                    main_variant: str = "harmonic_hiou", oracle_section: str | None = None) -> str:
     """The whole report (report.md and the README block): the sections of notebook 05, with headings; the
-    section on :func:`oracle_split` where ``split`` is given."""
+    oracle split's section (:func:`harmonic.experiments.ranking.markdown_oracle_split`) where given."""
     return "\n".join([
         f"### Our runs [D]: {describe_runs(runs)}",
         "",
@@ -790,7 +733,7 @@ def report_markdown(runs: list[Run], summary, diffs, *, baseline: str = "baselin
         markdown_attribution(runs),
         "",
         *([f"### Boxes or scores? `{main_variant}` against `{baseline}`, split by oracle re-scoring [D]", "",
-           markdown_oracle_split(split), ""] if split is not None else []),
+           oracle_section, ""] if oracle_section is not None else []),
         "### Did the supplement's assumption hold? [D]",
         "",
         "Eq. 9 [S] takes dF/dx > 0 (a positive's score is pushed up) as basically always true during training; "
@@ -862,7 +805,8 @@ def results_report(
     dpi: int = 120,
     update_readme: str | Path | None = None,
     output_dir: str | Path | None = None,
-    split: dict[str, Any] | None = None,
+    oracle_split: dict[str, Any] | None = None,
+    oracle_section: str | None = None,
 ) -> dict[str, Any]:
     """Tables, verdicts, the paper side by side and figures, all computed from the run folders.
 
@@ -873,8 +817,9 @@ def results_report(
     path to README.md) it replaces the block between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
     Notebook 05 shows the same steps one by one (:func:`load_sweep_runs`, :func:`summarize`,
     :func:`paired_differences`, :func:`markdown_verdict`, :func:`markdown_attribution`,
-    :func:`oracle_split`, :func:`markdown_paper`) before calling it; ``split`` is its :func:`oracle_split`, which
-    is computed here when not given.
+    :func:`markdown_paper`) before calling it. ``oracle_split`` and ``oracle_section``: the oracle split of
+    :mod:`harmonic.experiments.ranking` (which builds on this module) and its section, written into the
+    report where given (notebook 05 computes them).
 
     Returns:
         ``{"markdown", "figures", "summary", "differences", "written"}``; ``written`` lists every file written.
@@ -884,14 +829,14 @@ def results_report(
     runs = load_sweep_runs(results_dir, sweeps)
     summary = summarize(runs)
     diffs = paired_differences(runs, baseline=baseline)
-    split = oracle_split(runs, main_variant, baseline) if split is None else split
-    markdown = report_markdown(runs, summary, diffs, baseline=baseline, main_variant=main_variant, split=split)
+    markdown = report_markdown(runs, summary, diffs, baseline=baseline, main_variant=main_variant,
+                               oracle_section=oracle_section)
     figures = _report_figures(runs, summary, output_dir, baseline, main_variant, dpi)
     written = [
         atomic_write_text(output_dir / "report.md", markdown + "\n"),
         atomic_write_json(output_dir / "report.json", {"sweeps": sweeps, "summary": summary, "differences": diffs,
                                                          "attribution": attribution(runs), "claims": claims(runs, main_variant=main_variant),
-                                                         "oracle_split": split,
+                                                         "oracle_split": oracle_split,
                                                          "runs": [r.name for r in runs]}),
     ]
     if update_readme is not None:

@@ -117,7 +117,8 @@ def test_the_report_splits_its_main_variant_from_committed_detections_or_says_wh
     from pycocotools.coco import COCO
 
     from harmonic.evaluation import coco_evaluate
-    from harmonic.experiments.report import load_sweep_runs, markdown_oracle_split, oracle_split
+    from harmonic.experiments.ranking import markdown_oracle_split, oracle_split
+    from harmonic.experiments.report import load_sweep_runs
 
     gt = COCO()
     gt.dataset = {"images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.png"} for i in (1, 2)],

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harmonic.experiments.ranking import markdown_oracle_split, oracle_split
 from harmonic.experiments.readme import markers
 from harmonic.experiments.report import (
     HEADLINE,
@@ -18,14 +19,12 @@ from harmonic.experiments.report import (
     markdown_attribution,
     markdown_claims,
     markdown_differences,
-    markdown_oracle_split,
     markdown_paired,
     markdown_paper,
     markdown_runs,
     markdown_setting,
     markdown_summary,
     markdown_verdict,
-    oracle_split,
     paired_differences,
     param_points,
     report_markdown,
@@ -261,16 +260,13 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
     # the steps of the notebook, computed separately, are the report's sections, in order
     runs = load_sweep_runs(tmp_path, ["s"])
     summary, diffs = summarize(runs), paired_differences(runs)
-    split = oracle_split(runs)
-    assert split == {"reason": "no seed has both a `baseline` and a `harmonic_hiou` run with its detections "
-                               "(detections.json.gz) in these sweeps"}
     steps = [markdown_summary(summary), markdown_paired(diffs, "harmonic_hiou"), markdown_verdict(diffs, "harmonic_hiou"),
-             markdown_attribution(runs), markdown_oracle_split(split), markdown_assumptions(runs), markdown_claims(runs),
+             markdown_attribution(runs), markdown_assumptions(runs), markdown_claims(runs),
              markdown_paper(summary, diffs, "baseline", "harmonic_hiou", runs),
              markdown_setting(runs)]
     md = out["markdown"]
-    assert md == report_markdown(runs, summary, diffs, split=split)
-    assert "Not split [D]: no seed has both" in md
+    assert md == report_markdown(runs, summary, diffs)
+    assert "Boxes or scores" not in md  # no oracle split given: no section
     positions = [md.index(step) for step in steps]
     assert positions == sorted(positions)
     assert md.startswith("### Our runs [D]: 6 runs, 2 variants, seeds [0, 1, 2]\n")
@@ -281,7 +277,18 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
     assert data["runs"] == ["b0", "b1", "b2", "h0", "h1", "h2"]
     assert data["differences"]["harmonic_hiou"]["AP"]["mean"] == pytest.approx(0.04)
     assert [row["contrast"] for row in data["attribution"]] == ["the whole method (Harmonic + HIoU)"]
-    assert data["oracle_split"] == split
+    assert data["oracle_split"] is None
+    # with the oracle split (notebook 05 passes it): its section after the attribution, its data in report.json
+    split = oracle_split(runs)
+    assert split == {"reason": "no seed has both a `baseline` and a `harmonic_hiou` run with its detections "
+                               "(detections.json.gz) in these sweeps"}
+    section = markdown_oracle_split(split)
+    out = results_report(sweeps=["s"], results_dir=tmp_path, dpi=30, oracle_split=split, oracle_section=section)
+    assert out["markdown"] == report_markdown(runs, summary, diffs, oracle_section=section)
+    md = out["markdown"]
+    assert md.index(markdown_attribution(runs)) < md.index("Not split [D]: no seed has both") < md.index(
+        markdown_assumptions(runs))
+    assert json.loads((tmp_path / "report.json").read_text())["oracle_split"] == split
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,7 +296,7 @@ def test_results_report_writes_the_steps_in_order(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 NOTEBOOK_05 = Path(__file__).resolve().parents[2] / "notebooks" / "05_results.ipynb"
 STEPS = ("load_sweep_runs", "summarize", "paired_differences", "markdown_verdict", "markdown_attribution",
-         "oracle_split", "markdown_assumptions", "markdown_claims", "markdown_paper", "markdown_ablation", "results_report")
+         "hk.oracle_split", "markdown_assumptions", "markdown_claims", "markdown_paper", "markdown_ablation", "results_report")
 
 
 def test_results_notebook_shows_each_step_after_a_sentence():
@@ -304,7 +311,7 @@ def test_results_notebook_shows_each_step_after_a_sentence():
     for i, step in zip(steps, STEPS):
         assert cells[i - 1]["cell_type"] == "markdown", f"cell {i} is not preceded by a sentence"
         code = "".join(cells[i]["source"])
-        assert f"hr.{step}(" in code
+        assert (step if "." in step else f"hr.{step}") + "(" in code
         calls = [line for line in code.splitlines() if line and not line.startswith(("import", "from", " "))]
         assert 1 <= len(calls) <= 2, code
         assert not any(w in code for w in ("open(", "write", "savefig")), code  # writing stays in the package
@@ -338,7 +345,8 @@ def test_results_notebook_displays_the_steps_and_writes_the_report(tmp_path):
     assert "+4.0 [" in shown[2] and "raises AP by 4.0" in shown[3]
     images = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1  # score vs IoU, baseline and main variant side by side
-    assert (tmp_path / "report.md").read_text() == report_markdown(runs, summary, diffs, split=split) + "\n"
+    assert (tmp_path / "report.md").read_text() == report_markdown(
+        runs, summary, diffs, oracle_section=markdown_oracle_split(split)) + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["executed", "figures", "report.json", "report.md", "runs"]
 
 
