@@ -77,6 +77,7 @@ __all__ = [
     "engine_step_section",
     "precision_accuracy_section",
     "step_breakdown_section",
+    "levers_section",
 ]
 
 #: the issue's targets for the fused path (forward + backward), reported beside the measured ratios
@@ -1024,6 +1025,185 @@ def precision_accuracy_section(config: BenchConfig, results_dir: Path = Path("re
     }
 
 
+#: the backend the levers section compiles the engine's network with (harmonic.engine.precision.compile_network)
+LEVER_COMPILE_BACKEND = "inductor"
+#: the sweep whose finished runs' logs give the data-loading share of an iteration
+DATA_SWEEP_RUNS = "default-baseline-s*"
+#: a worker of the thread-layout measurement: ``python -c LAYOUT_WORKER <tools folder> <json arguments>``
+LAYOUT_WORKER = "import sys; sys.path.insert(0, sys.argv[1]); import bench; bench.layout_worker(sys.argv[2])"
+
+
+def _cpu_count() -> int:
+    """The CPU cores this process may run on."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def layout_worker(arguments: str) -> None:
+    """One run of the thread-layout measurement, in its own process: the engine's step of the setting named
+    in ``arguments`` (JSON: setting, threads, repeats, warmup, seed, quick) on the CPU with that many torch
+    threads. It warms up, prints ``ready``, waits for a line on stdin (so that the runs of one layout time
+    their steps side by side), then prints its step times in seconds as one JSON line."""
+    args = json.loads(arguments)
+    torch.set_num_threads(args["threads"])
+    config = BenchConfig.for_run(device="cpu", quick=args["quick"], seed=args["seed"], compile=False)
+    setting = next(s for s in train_step_settings(config) if s["name"] == args["setting"])
+    device = torch.device("cpu")
+    images, targets = _setting_batch(setting, device, config.seed)
+    model = _step_models(setting["detector"], device, config.seed, variants={"engine": {"loss": "baseline"}})["engine"]
+    step = _engine_step_function(model, images, targets, device, [])
+    for _ in range(args["warmup"]):
+        step()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    times = []
+    for _ in range(args["repeats"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"times": times}), flush=True)
+
+
+def _time_layout(setting: str, runs: int, threads: int, config: BenchConfig) -> list[list[float]]:
+    """Step times (seconds) of ``runs`` worker processes with ``threads`` torch threads each, started
+    together and timed side by side (see :func:`layout_worker`); one list per run."""
+    import subprocess
+
+    arguments = json.dumps({"setting": setting, "threads": threads, "repeats": config.repeats,
+                            "warmup": config.warmup, "seed": config.seed, "quick": config.quick})
+    command = [sys.executable, "-c", LAYOUT_WORKER, str(Path(__file__).resolve().parent), arguments]
+    workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(runs)]
+    try:
+        for worker in workers:
+            line = worker.stdout.readline()  # type: ignore[union-attr]
+            if line.strip() != "ready":
+                raise RuntimeError(f"a thread-layout worker ({runs} x {threads} threads) failed before timing; its stderr is above")
+        for worker in workers:
+            worker.stdin.write("go\n")  # type: ignore[union-attr]
+            worker.stdin.flush()  # type: ignore[union-attr]
+        results = [json.loads(worker.communicate()[0].strip().splitlines()[-1])["times"] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    if any(worker.returncode != 0 for worker in workers):
+        raise RuntimeError(f"a thread-layout worker ({runs} x {threads} threads) exited with an error")
+    return results
+
+
+def data_loading_share(results_dir: Path = Path("results")) -> list[dict[str, Any]]:
+    """The share of an iteration the engine spent waiting for its batch (decoding the images, the
+    transforms, collating), read from the logs of the default study's finished baseline runs (their
+    ``data_time`` and ``time`` of every iteration): what a cache of decoded images could save at most."""
+    import gzip
+
+    rows = []
+    for log in sorted((results_dir / "runs").glob(f"{DATA_SWEEP_RUNS}/log.jsonl.gz")):
+        data, total = [], []
+        with gzip.open(log, "rt", encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                if "data_time" in record and "time" in record:
+                    data.append(record["data_time"])
+                    total.append(record["time"])
+        if total:
+            rows.append({"run": log.parent.name, "iterations": len(total),
+                         "median_data_ms": 1000.0 * statistics.median(data),
+                         "median_iteration_ms": 1000.0 * statistics.median(total),
+                         "data_share": sum(data) / sum(total)})
+    return rows
+
+
+def levers_section(config: BenchConfig) -> dict[str, Any]:
+    """The levers of the engine's throughput that are not in its default step, each measured on the default
+    study's detector (the first setting of :func:`train_step_settings`):
+
+    * ``compile``: the engine's step with its network compiled (``TrainConfig(compile=True)``,
+      :func:`harmonic.engine.precision.compile_network`) against the same step eager, in interleaved rounds,
+      with the time the first compiled steps took (full runs with compiling on; CUDA or CPU);
+    * ``thread_layout`` (CPU only): images per second of the whole machine when one run takes one thread,
+      when one run takes every core, and when one run per core takes one thread each, side by side (what
+      ``make sweep`` does with ``jobs``); each run is its own process;
+    * ``data_loading``: the share of an iteration the engine waited for its batch in the default study's
+      finished runs (what a decoded-image cache could save at most).
+    """
+    import gc
+
+    from harmonic.engine.precision import compile_network
+
+    device = torch.device(config.device)
+    setting = train_step_settings(config)[0]
+    name = setting["name"]
+    notes: list[str] = []
+    compile_rows: list[dict[str, Any]] = []
+    if config.compile:
+        images, targets = _setting_batch(setting, device, config.seed)
+        models = _step_models(setting["detector"], device, config.seed,
+                              variants={variant: {"loss": "baseline"} for variant in ("eager", "compiled")})
+        compile_network(models["compiled"], backend=LEVER_COMPILE_BACKEND)
+        losses: dict[str, list[float]] = {"eager": [], "compiled": []}
+        steps = {variant: _engine_step_function(models[variant], images, targets, device, losses[variant])
+                 for variant in ("eager", "compiled")}
+        start = time.perf_counter()
+        steps["compiled"]()
+        _synchronize(device)
+        first_s = time.perf_counter() - start
+        samples = time_interleaved(steps, repeats=config.repeats, warmup=config.warmup, device=device)
+        stats = {variant: _summary_ms(times) for variant, times in samples.items()}
+        compile_rows = [{"setting": name, "variant": variant, "backend": LEVER_COMPILE_BACKEND if variant == "compiled" else "eager",
+                         **stats[variant]} for variant in ("eager", "compiled")]
+        compile_rows[1]["first_step_s"] = first_s
+        del models, steps
+        gc.collect()
+    else:
+        notes.append("compile: not timed (--no-compile or --quick)")
+    layout_rows: list[dict[str, Any]] = []
+    if device.type == "cpu":
+        cores = _cpu_count()
+        layouts = [(1, 1)] + ([(1, cores), (cores, 1)] if cores > 1 else [])
+        for runs, threads in layouts:
+            per_run = [_summary_ms(times) for times in _time_layout(name, runs, threads, config)]
+            layout_rows.append({"setting": name, "runs": runs, "threads_per_run": threads,
+                                "median_ms_per_run": statistics.median(s["median_ms"] for s in per_run),
+                                "images_per_s": sum(setting["batch"] * 1000.0 / s["median_ms"] for s in per_run)})
+    else:
+        notes.append(f"thread_layout: CPU only (the device is {device.type})")
+    data_rows = data_loading_share()
+    if not data_rows:
+        notes.append(f"data_loading: no finished runs matching results/runs/{DATA_SWEEP_RUNS} (make reproduce)")
+    summary: dict[str, Any] = {"setting": name}
+    if compile_rows:
+        summary["compiled_over_eager_images_per_s"] = compile_rows[0]["median_ms"] / compile_rows[1]["median_ms"]
+        summary["compile_first_step_s"] = compile_rows[1]["first_step_s"]
+    if len(layout_rows) == 3:
+        one, wide, side = (row["images_per_s"] for row in layout_rows)
+        summary.update({"cores": layout_rows[1]["threads_per_run"], "one_run_all_threads_over_one_thread": wide / one,
+                        "runs_side_by_side_over_one_run_all_threads": side / wide,
+                        "runs_side_by_side_over_one_thread": side / one})
+    if data_rows:
+        summary["data_share"] = statistics.fmean(row["data_share"] for row in data_rows)
+    return {
+        "title": "levers outside the engine's default step: compiling, the thread layout, a decoded-image cache",
+        "compile": compile_rows,
+        "thread_layout": layout_rows,
+        "data_loading": data_rows,
+        "summary": [summary],
+        "notes": notes + [
+            "compile: the engine's own step (as engine_step), network compiled by compile_network, median of "
+            "interleaved rounds; first_step_s includes compiling, or loading the compiled code from torch's cache",
+            "thread_layout: images/s of the machine summed over the runs, each run's median step time; runs are "
+            "separate processes timed side by side after their warm-up",
+            f"data_loading: from results/runs/{DATA_SWEEP_RUNS}/log.jsonl.gz (the runs' own machine, not this one)",
+        ],
+        "settings": {"detector": setting["detector"], "compile_backend": LEVER_COMPILE_BACKEND, **asdict(config)},
+    }
+
+
 #: section name -> function(config) -> dict; every list of flat records in the dict is printed as a table
 def amp_modes_section(config: BenchConfig) -> dict[str, Any]:
     """The engine's step in each autocast mode the device can run (``amp="off"``: float32; ``"bf16"``;
@@ -1156,6 +1336,7 @@ SECTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "amp_modes": amp_modes_section,
     "precision_accuracy": precision_accuracy_section,
     "step_breakdown": step_breakdown_section,
+    "levers": levers_section,
 }
 
 
@@ -1238,6 +1419,9 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "bench") 
                              "(each section records when it was measured)")
     parser.add_argument("--readme", type=Path, default=None,
                         help="also refresh the measured ratios in this README's bench block")
+    parser.add_argument("--readme-block", default="bench",
+                        help="the README block to refresh (default 'bench'; 'bench-avx2' for a CPU without native "
+                             "bfloat16)")
     compile_group = parser.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
                                help="also time the torch.compile backend (default: yes unless --quick)")
@@ -1286,8 +1470,10 @@ def run(args: argparse.Namespace, command_name: str = "bench") -> int:
     path = atomic_write_json(args.out, result)
     print(f"wrote {path}")
     if getattr(args, "readme", None) is not None:
-        replace_block(args.readme, "bench", readme_markdown(result, Path(args.out)))
-        print(f"refreshed the bench block of {args.readme}")
+        block = getattr(args, "readme_block", "bench")
+        command = "make bench" if block == "bench" else " ".join(record["argv"])
+        replace_block(args.readme, block, readme_markdown(result, Path(args.out), command))
+        print(f"refreshed the {block} block of {args.readme}")
     return 0
 
 
@@ -1302,26 +1488,30 @@ def _previous_sections(path: Path) -> dict[str, Any]:
     return {name: sections[name] for name in SECTIONS if name in sections}
 
 
-def readme_markdown(result: dict, json_path: Path) -> str:
-    """The README's bench block: the ratios of each section's summary, as measured (never typed)."""
+def readme_markdown(result: dict, json_path: Path, command: str = "make bench") -> str:
+    """The README's bench block: the ratios of each section's summary, as measured (never typed);
+    ``command`` is the one named as having measured them."""
     machines = [section["machine"] for section in result["sections"].values()]
     threads = machines[0]["torch_threads"]
     loads = [m.get(key) for m in machines for key in ("load_average_1min_before", "load_average_1min_after")]
     loads = [load for load in loads if load is not None]
-    lines = [f"Measured by `make bench` ({json_path.as_posix()}); device: "
+    lines = [f"Measured by `{command}` ({json_path.as_posix()}); device: "
              f"{result['provenance']['device'].get('device')}, torch threads: {threads}."]
     if loads and max(loads) > threads + 0.5:
         lines[0] += (f" The machine was busy during this run (1-minute load average up to {max(loads):.1f} "
                      f"against {threads} thread(s)): ratios are measured side by side in interleaved rounds, "
                      "but contention moves them; rerun `make bench` on a quiet machine before quoting them.")
     measured = {name: section["machine"].get("measured") for name, section in result["sections"].items()}
-    if len(set(measured.values())) > 1:
-        def where(machine: dict) -> str:
-            if machine.get("cpu_capability") is None:
-                return "CPU not recorded"
-            bf16 = "native bfloat16" if machine.get("cpu_native_bf16") else "no native bfloat16"
-            return f"{machine.get('cpu_model')}, {machine['cpu_capability']}, {bf16}"
 
+    def where(machine: dict) -> str:
+        if machine.get("cpu_capability") is None:
+            return "CPU not recorded"
+        bf16 = "native bfloat16" if machine.get("cpu_native_bf16") else "no native bfloat16"
+        return f"{machine.get('cpu_model')}, {machine['cpu_capability']}, {bf16}"
+
+    if len(set(measured.values())) <= 1 and machines[0].get("cpu_capability") is not None:
+        lines[0] += f" CPU: {where(machines[0])}."
+    if len(set(measured.values())) > 1:
         lines[0] += (" The sections were measured in separate runs (`--merge`), possibly on different machines: "
                      + "; ".join(f"{name} at {when or 'an unrecorded time'} ({where(result['sections'][name]['machine'])})"
                                  for name, when in measured.items()) + ".")
@@ -1388,6 +1578,24 @@ def readme_markdown(result: dict, json_path: Path) -> str:
             lines += [f"Autocast modes of the engine's step ({row['setting']}; CPU vector capability "
                       f"{row['cpu_capability']}, native bfloat16: {'yes' if row['native_bf16'] else 'no'}): time over "
                       f"float32: {ratios}. `amp=\"auto\"` takes bfloat16 only where it is native.", ""]
+    levers = result["sections"].get("levers")
+    if levers and levers["summary"]:
+        row = levers["summary"][0]
+        parts = []
+        if "compiled_over_eager_images_per_s" in row:
+            parts.append(f"compiling the network (`TrainConfig(compile=True)`) gives {row['compiled_over_eager_images_per_s']:.2f}x "
+                         f"the eager step's images per second")
+        if "cores" in row:
+            parts.append(f"on {row['cores']} cores, one run with {row['cores']} threads gives "
+                         f"{row['one_run_all_threads_over_one_thread']:.2f}x the images per second of one run with one thread, "
+                         f"and {row['cores']} runs side by side with one thread each (as `make sweep` runs them) "
+                         f"{row['runs_side_by_side_over_one_thread']:.2f}x, which is "
+                         f"{row['runs_side_by_side_over_one_run_all_threads']:.2f}x the one run with every core")
+        if "data_share" in row:
+            parts.append(f"the default study's runs waited for their batch {row['data_share']:.1%} of an iteration, the most a "
+                         "cache of decoded images could save")
+        if parts:
+            lines += [f"Levers outside the engine's default step (`levers`, {row['setting']}): " + "; ".join(parts) + ".", ""]
     accuracy = result["sections"].get("precision_accuracy")
     if accuracy and accuracy["summary"]:
         row = accuracy["summary"][0]

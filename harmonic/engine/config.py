@@ -269,7 +269,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # [D] Chosen by measurement on the shared 2-core CPU (160 px, 64 FPN channels, batch 2): about 0.19 s
     # per iteration with 1 thread, so 3000 iterations (10 epochs) take about 10 minutes; `make reproduce`
     # runs two such runs side by side. One thread because two threads on a busy 2-core machine were 10x
-    # slower (oversubscribed OpenMP threads spin), while on an idle one they gain only 1.6x. Anchors are
+    # slower (oversubscribed OpenMP threads spin), and on an idle one two runs side by side with one thread
+    # each give more images per second than one run with both (`make bench`'s `levers` section). Anchors are
     # 2x the level stride with 3 scales per octave, because the images are used at their native 160 px:
     # torchvision's anchors scaled by 160/800 ("auto", 0.8x the stride) are smaller than the smallest
     # shapes and gave a 7x lower AP in the same budget. Per image seen, batch 2 beat batch 4 (more

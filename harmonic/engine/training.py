@@ -128,6 +128,28 @@ def fused_sgd_available(device: torch.device | str) -> bool:
     return True
 
 
+def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
+    """The total 2-norm of the gradients of ``params``; where it exceeds ``max_norm`` (None: never) the
+    gradients are scaled down to it, as ``torch.nn.utils.clip_grad_norm_`` does. The same numbers as that
+    function, which multiplies every gradient by its clamped coefficient (1.0 when no clipping is needed):
+    here the multiplication runs only when the coefficient is below 1, which spares a read and a write
+    of every gradient on most steps (clipping at 10 fired on under 1% of the default study's steps). The
+    norm is read back to the host anyway, for the log and the non-finite check."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is None:  # torch < 2.6: the combined function
+        limit = float("inf") if max_norm is None else max_norm
+        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = get_total_norm(grads)
+    norm = float(total)
+    # clip_grad_norm_'s coefficient max_norm / (norm + 1e-6), clamped to 1: scaling by 1.0 changes nothing
+    if max_norm is not None and math.isfinite(norm) and max_norm / (norm + 1e-6) < 1.0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return norm
+
+
 def build_optimizer(
     params: list[nn.Parameter], cfg: TrainConfig, device: torch.device | str, *, grad_scaler: bool = False
 ) -> torch.optim.SGD:
@@ -423,8 +445,7 @@ def train_step(net, model, optimizer, scaler, params, images, targets, *, cfg, c
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total_loss).backward()
     scaler.unscale_(optimizer)
-    max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = clip_gradients(params, cfg.grad_clip)
     if not math.isfinite(grad_norm) and not precision.scaler:
         raise NonFiniteLossError(
             f"non-finite gradient norm at iteration {iteration}: grad_norm={grad_norm} (losses were finite: "

@@ -502,3 +502,34 @@ def test_the_default_sgd_on_cuda_is_the_fused_kernel(tmp_path):
     assert not build_optimizer(params, tiny_config(tmp_path / "x", fused_optimizer=False), "cuda").defaults["fused"]
     # float16 with its gradient scaler: torch's default implementation
     assert not build_optimizer(params, tiny_config(tmp_path / "x"), "cuda", grad_scaler=True).defaults["fused"]
+
+
+@pytest.mark.parametrize("max_norm", [None, 1e3, 0.5])
+def test_clip_gradients_gives_clip_grad_norm_s_numbers(max_norm):
+    from harmonic.engine.training import clip_gradients
+
+    torch.manual_seed(0)
+    shapes = [(4, 3), (7,), (2, 2, 3)]
+    grads = [torch.randn(shape) for shape in shapes]
+    ours = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    for p, q, g in zip(ours, theirs, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    ours.append(torch.nn.Parameter(torch.zeros(3)))  # no gradient: left out, as clip_grad_norm_ does
+    norm = clip_gradients(ours, max_norm)
+    expected = float(torch.nn.utils.clip_grad_norm_(theirs, float("inf") if max_norm is None else max_norm))
+    assert norm == expected
+    assert norm == pytest.approx(float(torch.cat([g.flatten() for g in grads]).norm()), rel=1e-6)
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p.grad, q.grad)
+    clipped = max_norm is not None and max_norm < norm
+    assert clipped == (max_norm == 0.5)
+    for p, g in zip(ours, grads):  # unclipped gradients keep their values; clipped ones shrink to max_norm
+        assert torch.equal(p.grad, g) != clipped
+    if clipped:
+        assert float(torch.cat([p.grad.flatten() for p in ours[:3]]).norm()) == pytest.approx(0.5, rel=1e-5)
+    assert clip_gradients([torch.nn.Parameter(torch.zeros(2))], 1.0) == 0.0
+    bad = torch.nn.Parameter(torch.zeros(2))
+    bad.grad = torch.tensor([1.0, float("nan")])
+    assert math.isnan(clip_gradients([bad], 1.0))  # reported for train_step's check, the gradient left as it is
+    assert bad.grad[0] == 1.0

@@ -259,3 +259,63 @@ def test_step_breakdown_section_profiles_both_steps_and_bounds_the_ratio(keep_th
         "step_breakdown": {**section, "machine": {"torch_threads": 1}}}}, bench.Path("bench.json"))
     assert f"{summary['engine_over_plain_bound_without_convolutions']:.2f} |" in text and "| shapes_cpu |" in text
     assert bench.step_breakdown_section(bench.BenchConfig.for_run(device="meta", quick=True))["rows"] == []
+
+
+def _write_log(path, records):
+    import gzip
+
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def test_levers_section_times_compiling_the_thread_layouts_and_reads_the_data_share(tmp_path, monkeypatch, keep_threads):
+    # the data share of finished runs' logs: 10 ms of 100 ms, and 30 of 100 in another run (one record without times)
+    _write_log(tmp_path / "results/runs/default-baseline-s0/log.jsonl.gz",
+               [{"iter": k, "data_time": 0.01, "time": 0.1} for k in range(3)] + [{"iter": 9}])
+    _write_log(tmp_path / "results/runs/default-baseline-s1/log.jsonl.gz",
+               [{"iter": k, "data_time": 0.03, "time": 0.1} for k in range(2)])
+    _write_log(tmp_path / "results/runs/long-baseline-s0/log.jsonl.gz", [{"data_time": 1.0, "time": 1.0}])  # another sweep
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "LEVER_COMPILE_BACKEND", "eager")  # torch.compile's tracing without code generation
+    torch.set_num_threads(1)
+    config = bench.BenchConfig.for_run(device="cpu", quick=True, compile=True)
+    section = bench.levers_section(config)
+
+    data = {row["run"]: row for row in section["data_loading"]}
+    assert set(data) == {"default-baseline-s0", "default-baseline-s1"}
+    assert data["default-baseline-s0"]["iterations"] == 3
+    assert data["default-baseline-s0"]["data_share"] == pytest.approx(0.1)
+    assert data["default-baseline-s1"]["median_data_ms"] == pytest.approx(30.0)
+    (summary,) = section["summary"]
+    assert summary["data_share"] == pytest.approx(0.2)
+
+    eager, compiled = section["compile"]
+    assert (eager["variant"], compiled["variant"], compiled["backend"]) == ("eager", "compiled", "eager")
+    assert summary["compiled_over_eager_images_per_s"] == pytest.approx(eager["median_ms"] / compiled["median_ms"])
+    assert compiled["first_step_s"] > 0
+
+    layouts = section["thread_layout"]
+    cores = bench._cpu_count()
+    assert [(row["runs"], row["threads_per_run"]) for row in layouts] == [(1, 1)] + ([(1, cores), (cores, 1)] if cores > 1 else [])
+    batch = bench.train_step_settings(config)[0]["batch"]
+    assert layouts[0]["images_per_s"] == pytest.approx(batch * 1000.0 / layouts[0]["median_ms_per_run"])
+    if cores > 1:
+        side = layouts[2]
+        # each run's images per second, summed: near runs x one run's rate at their median step time
+        assert side["images_per_s"] == pytest.approx(cores * batch * 1000.0 / side["median_ms_per_run"], rel=0.5)
+        assert summary["runs_side_by_side_over_one_thread"] == pytest.approx(side["images_per_s"] / layouts[0]["images_per_s"])
+        assert summary["runs_side_by_side_over_one_run_all_threads"] == pytest.approx(
+            side["images_per_s"] / layouts[1]["images_per_s"])
+
+    text = bench.readme_markdown({"provenance": {"device": {"device": "cpu"}}, "sections": {
+        "levers": {**section, "machine": {"torch_threads": 1}}}}, bench.Path("bench_avx2.json"), "python tools/bench.py x")
+    assert text.startswith("Measured by `python tools/bench.py x` (bench_avx2.json)")
+    assert f"gives {summary['compiled_over_eager_images_per_s']:.2f}x the eager step's" in text
+    assert "waited for their batch 20.0% of an iteration" in text
+
+
+def test_a_thread_layout_worker_that_fails_is_an_error(keep_threads):
+    config = bench.BenchConfig.for_run(device="cpu", quick=True)
+    with pytest.raises(RuntimeError, match="thread-layout worker"):
+        bench._time_layout("no_such_setting", 1, 1, config)
