@@ -860,10 +860,10 @@ PRECISION_SWEEPS = ("precision_fp32", "precision_bf16")
 
 def _engine_step_function(
     model, images, targets, device: torch.device, losses: list[float], amp: str = "auto",
-    fused_optimizer: bool | None = None,
+    fused_optimizer: bool | None = None, channels_last: bool | None = None,
 ) -> Callable[[], float]:
     """The training engine's own step (:func:`harmonic.engine.training.train_step`) in the precision that
-    ``TrainConfig(amp=amp, channels_last=None)`` resolves to on ``device``, with the "shapes-cpu"
+    ``TrainConfig(amp=amp, channels_last=channels_last)`` resolves to on ``device``, with the "shapes-cpu"
     preset's optimizer settings; ``model`` is put in that precision's memory layout here."""
     from harmonic.data import targets_to
     from harmonic.engine.config import TrainConfig
@@ -872,7 +872,8 @@ def _engine_step_function(
     from harmonic.engine.training import build_optimizer, train_step
     from harmonic.models import get_stats
 
-    cfg = TrainConfig.preset("shapes-cpu", warmup_iters=0, amp=amp, fused_optimizer=fused_optimizer)
+    cfg = TrainConfig.preset("shapes-cpu", warmup_iters=0, amp=amp, fused_optimizer=fused_optimizer,
+                             channels_last=channels_last)
     precision = resolve_precision(cfg.amp, cfg.channels_last, device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -1205,34 +1206,51 @@ def levers_section(config: BenchConfig) -> dict[str, Any]:
 
 
 #: section name -> function(config) -> dict; every list of flat records in the dict is printed as a table
+#: the amp_modes section's modes: name -> (TrainConfig.amp, TrainConfig.channels_last); the names without a
+#: layout are the layout ``channels_last=None`` resolves to (contiguous in float32, channels_last with autocast)
+AMP_MODE_VARIANTS = {"off": ("off", None), "off_channels_last": ("off", True), "bf16": ("bf16", None),
+                     "bf16_contiguous": ("bf16", False), "fp16": ("fp16", None)}
+
+
+#: the README's words for the amp_modes section's modes
+AMP_MODE_NAMES = {"off_channels_last": "float32 in channels_last", "bf16": "bf16 (channels_last)",
+                  "bf16_contiguous": "bf16 contiguous", "fp16": "fp16 (channels_last, gradient scaler)"}
+
+
 def amp_modes_section(config: BenchConfig) -> dict[str, Any]:
     """The engine's step in each autocast mode the device can run (``amp="off"``: float32; ``"bf16"``;
-    ``"fp16"`` on CUDA), side by side on the first setting of :func:`train_step_settings` (the default
-    study's detector in full runs): what ``amp="auto"`` chooses between on this machine, and what it would
-    cost to force bfloat16 where the device only emulates it."""
+    ``"fp16"`` on CUDA), and float32 and bfloat16 each in the other memory layout than the one
+    ``channels_last=None`` gives them, side by side on the first setting of :func:`train_step_settings` (the
+    default study's detector in full runs): what ``amp="auto"`` and ``channels_last=None`` choose between on
+    this machine, each lever on its own, and what it would cost to force bfloat16 where the device only
+    emulates it."""
     from harmonic.utils.devices import native_bf16
 
     device = torch.device(config.device)
     setting = train_step_settings(config)[0]
     images, targets = _setting_batch(setting, device, config.seed)
-    modes = ["off", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    modes = ["off", "off_channels_last", "bf16", "bf16_contiguous"] + (["fp16"] if device.type == "cuda" else [])
     models = _step_models(setting["detector"], device, config.seed, variants={m: {"loss": "baseline"} for m in modes})
     losses: dict[str, list[float]] = {mode: [] for mode in modes}
-    steps = {mode: _engine_step_function(models[mode], images, targets, device, losses[mode], amp=mode) for mode in modes}
+    steps = {mode: _engine_step_function(models[mode], images, targets, device, losses[mode], amp=AMP_MODE_VARIANTS[mode][0],
+                                         channels_last=AMP_MODE_VARIANTS[mode][1]) for mode in modes}
     samples = time_interleaved(steps, repeats=config.repeats, warmup=config.warmup, device=device)
     stats = {mode: _summary_ms(times) for mode, times in samples.items()}
-    rows = [{"setting": setting["name"], "amp": mode, **steps[mode].precision, **stats[mode]}  # type: ignore[attr-defined]
+    rows = [{"setting": setting["name"], "mode": mode, "amp": AMP_MODE_VARIANTS[mode][0],
+             **steps[mode].precision, **stats[mode]}  # type: ignore[attr-defined]
             for mode in modes]
     summary = [{"setting": setting["name"], "native_bf16": native_bf16(device),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 **{f"{mode}_over_float32": stats[mode]["median_ms"] / stats["off"]["median_ms"] for mode in modes[1:]}}]
     return {
-        "title": "the engine's step in each autocast mode (median of interleaved rounds)",
+        "title": "the engine's step in each autocast mode and memory layout (median of interleaved rounds)",
         "rows": rows,
         "summary": summary,
         "notes": ["amp='auto' takes bfloat16 only where native_bf16 is true (harmonic.utils.devices); a ratio above 1 "
-                  "is what forcing a mode would cost"],
-        "settings": {"detector": setting["detector"], **asdict(config)},
+                  "is what forcing a mode would cost",
+                  "off / bf16 / fp16: the layout channels_last=None gives (contiguous in float32, channels_last with "
+                  "autocast); off_channels_last and bf16_contiguous: the other layout"],
+        "settings": {"detector": setting["detector"], "modes": {m: AMP_MODE_VARIANTS[m] for m in modes}, **asdict(config)},
     }
 
 
@@ -1471,7 +1489,7 @@ def run(args: argparse.Namespace, command_name: str = "bench") -> int:
     print(f"wrote {path}")
     if getattr(args, "readme", None) is not None:
         block = getattr(args, "readme_block", "bench")
-        command = "make bench" if block == "bench" else " ".join(record["argv"])
+        command = "make bench" if block == "bench" else f"python tools/bench.py --out {Path(args.out).as_posix()} --readme-block {block}"
         replace_block(args.readme, block, readme_markdown(result, Path(args.out), command))
         print(f"refreshed the {block} block of {args.readme}")
     return 0
@@ -1574,8 +1592,11 @@ def readme_markdown(result: dict, json_path: Path, command: str = "make bench") 
     modes = result["sections"].get("amp_modes")
     if modes:
         for row in modes["summary"]:
-            ratios = ", ".join(f"{key.split('_over_')[0]} {value:.2f}x" for key, value in row.items() if key.endswith("_over_float32"))
-            lines += [f"Autocast modes of the engine's step ({row['setting']}; CPU vector capability "
+            order = list(AMP_MODE_VARIANTS)  # the modes in their own order (a JSON file may hold them sorted)
+            found = sorted((key.split("_over_")[0] for key in row if key.endswith("_over_float32")),
+                           key=lambda mode: order.index(mode) if mode in order else len(order))
+            ratios = ", ".join(f"{AMP_MODE_NAMES.get(mode, mode)} {row[f'{mode}_over_float32']:.2f}x" for mode in found)
+            lines += [f"Autocast modes and memory layouts of the engine's step ({row['setting']}; CPU vector capability "
                       f"{row['cpu_capability']}, native bfloat16: {'yes' if row['native_bf16'] else 'no'}): time over "
                       f"float32: {ratios}. `amp=\"auto\"` takes bfloat16 only where it is native.", ""]
     levers = result["sections"].get("levers")

@@ -199,19 +199,23 @@ def test_merge_replaces_only_the_sections_run_and_the_readme_says_when_each_was_
         bench.main(["--out", str(out), "--sections", "engine_step", "--quick", "--merge"])
 
 
-def test_amp_modes_section_times_float32_and_bfloat16_side_by_side(keep_threads):
+def test_amp_modes_section_times_each_precision_and_layout_side_by_side(keep_threads):
     torch.set_num_threads(1)
     section = bench.amp_modes_section(bench.BenchConfig.for_run(device="cpu", quick=True))
-    rows = {row["amp"]: row for row in section["rows"]}
-    assert set(rows) == {"off", "bf16"}  # float16 autocast is for CUDA
-    assert rows["off"]["autocast_dtype"] == "float32" and not rows["off"]["channels_last"]
-    assert rows["bf16"]["autocast_dtype"] == "bfloat16" and rows["bf16"]["channels_last"]
+    rows = {row["mode"]: row for row in section["rows"]}
+    assert set(rows) == {"off", "off_channels_last", "bf16", "bf16_contiguous"}  # float16 autocast is for CUDA
+    layouts = {mode: (row["autocast_dtype"], row["channels_last"]) for mode, row in rows.items()}
+    assert layouts == {"off": ("float32", False), "off_channels_last": ("float32", True),
+                       "bf16": ("bfloat16", True), "bf16_contiguous": ("bfloat16", False)}
     (summary,) = section["summary"]
-    assert summary["bf16_over_float32"] == pytest.approx(rows["bf16"]["median_ms"] / rows["off"]["median_ms"], rel=1e-12)
+    for mode in ("off_channels_last", "bf16", "bf16_contiguous"):
+        assert summary[f"{mode}_over_float32"] == pytest.approx(rows[mode]["median_ms"] / rows["off"]["median_ms"], rel=1e-12)
+    assert "off_over_float32" not in summary
     assert summary["native_bf16"] is bench_native_bf16()
     text = bench.readme_markdown({"provenance": {"device": {"device": "cpu"}}, "sections": {
         "amp_modes": {**section, "machine": {"torch_threads": 1}}}}, bench.Path("bench.json"))
-    assert f"bf16 {summary['bf16_over_float32']:.2f}x" in text
+    assert f"bf16 (channels_last) {summary['bf16_over_float32']:.2f}x" in text
+    assert f"float32 in channels_last {summary['off_channels_last_over_float32']:.2f}x" in text
 
 
 def bench_native_bf16() -> bool:
