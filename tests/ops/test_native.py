@@ -129,6 +129,27 @@ def test_blocks_tails_and_targets_at_every_shape(rows, cols, portable):
         torch.testing.assert_close(grad.double(), true_grad, rtol=2e-6, atol=1e-30)
 
 
+def test_gcc_vectorizes_the_portable_loop(tmp_path):
+    # the loop every CPU without AVX-512 runs: gcc leaves it scalar unless the first flag sets let it
+    # evaluate both sides of the formulas' selects (-fno-trapping-math), about 5x slower
+    compiler = native._compilers()[0]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    if "Free Software Foundation" not in version:
+        pytest.skip(f"{compiler} is not gcc: its vectorization report differs")
+    source = native.SOURCE.read_text().splitlines()
+    portable_start = source.index("#define HARMONIC_AVX512 0")
+    pragma = next(k for k in range(portable_start, len(source)) if source[k].strip() == "#pragma omp simd")
+    end = next(k for k in range(pragma, len(source)) if source[k] == "}")
+    lines = range(pragma + 2, end + 1)  # 1-based numbers of the loop's lines, which gcc reports the loop at
+    flags = native.FLAG_SETS[1]
+    assert "-fno-trapping-math" in flags and "-fno-trapping-math" in native.FLAG_SETS[0]
+    report = subprocess.run([compiler, *flags, "-DHARMONIC_PORTABLE", "-fopt-info-vec-optimized", "-c",
+                             str(native.SOURCE), "-o", str(tmp_path / "kernel.o")], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    vectorized = {int(m) for m in re.findall(r"focal_loss\.c:(\d+):\d+: optimized: loop vectorized", report.stderr)}
+    assert vectorized & set(lines), report.stderr
+
+
 def test_values_only_call_matches_values_with_gradient():
     logits = torch.randn(900, 9, generator=torch.Generator().manual_seed(2))
     gt_classes = torch.randint(-1, 9, (900,), generator=torch.Generator().manual_seed(3))
