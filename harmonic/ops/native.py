@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "SOURCE", "Built", "build", "cache_dir", "failure", "info", "load", "reset"]
+__all__ = ["CACHE_ENV", "SOURCE", "Built", "build", "build_command", "cache_dir", "failure", "info", "load", "reset"]
 
 #: the kernel's C source, shipped inside the package
 SOURCE = Path(__file__).with_name("csrc") / "focal_loss.c"
@@ -106,10 +106,18 @@ def _compiler_identity(compiler: str) -> str | None:
 
 def _library_path(folder: Path, source: bytes, compiler: str, identity: str, flags: tuple[str, ...]) -> Path:
     key = hashlib.sha256()
-    for part in (source, compiler.encode(), identity.encode(), " ".join(flags).encode(), _cpu_signature().encode()):
+    command = " ".join(build_command(compiler, flags, "")).encode()  # every flag, in order
+    for part in (source, compiler.encode(), identity.encode(), command, _cpu_signature().encode()):
         key.update(part)
         key.update(b"\0")
     return folder / f"focal_loss-{key.hexdigest()[:20]}{'.dll' if os.name == 'nt' else '.so'}"
+
+
+def build_command(compiler: str, flags: tuple[str, ...], output: str | Path) -> list[str]:
+    """The compiler's command line that builds the kernel with ``flags`` into ``output``. The flag set
+    comes after :data:`BASE_FLAGS`: ``-fno-fast-math`` restores gcc's default ``-ftrapping-math``, so a
+    set's ``-fno-trapping-math`` must follow it to count."""
+    return [compiler, *BASE_FLAGS, *flags, str(SOURCE), "-o", str(output)]
 
 
 def _build(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
@@ -118,7 +126,7 @@ def _build(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
     handle, temporary = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
     os.close(handle)
     try:
-        command = [compiler, *flags, *BASE_FLAGS, str(SOURCE), "-o", temporary]
+        command = build_command(compiler, flags, temporary)
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             lines = (result.stderr or result.stdout).strip().splitlines()
