@@ -35,9 +35,13 @@ Sections:
   at 64 px only.
 
 * ``engine_step``, ``amp_modes``, ``precision_accuracy``: the engine's step against the plain float32 loop, the
-  autocast modes side by side, and the full-run accuracy check of the fast path (see their functions).
+  autocast modes each in both memory layouts side by side, and the full-run accuracy check of the fast path
+  (see their functions).
 * ``step_breakdown``: the engine's step and the plain loop profiled, their time split into convolutions, the
   SGD step, copies and the rest, with the engine/plain ratio that would remain if convolutions were free.
+* ``levers``: the levers outside the engine's default step: compiling the network, the thread layout (runs
+  side by side in separate processes against one run with every core), and the share of an iteration
+  spent waiting for data in finished runs (what a decoded-image cache could save).
 The machine's load average before and after each section is recorded beside its results: on a shared
 machine it explains most of the spread between runs.
 """
@@ -1032,6 +1036,8 @@ LEVER_COMPILE_BACKEND = "inductor"
 DATA_SWEEP_RUNS = "default-baseline-s*"
 #: a worker of the thread-layout measurement: ``python -c LAYOUT_WORKER <tools folder> <json arguments>``
 LAYOUT_WORKER = "import sys; sys.path.insert(0, sys.argv[1]); import bench; bench.layout_worker(sys.argv[2])"
+#: seconds a thread layout's workers get to start, warm up and time their steps
+LAYOUT_TIMEOUT_S = 900.0
 
 
 def _cpu_count() -> int:
@@ -1060,7 +1066,8 @@ def layout_worker(arguments: str) -> None:
     for _ in range(args["warmup"]):
         step()
     print("ready", flush=True)
-    sys.stdin.readline()
+    if not sys.stdin.readline():  # the parent is gone: nothing to time for
+        sys.exit(1)
     times = []
     for _ in range(args["repeats"]):
         start = time.perf_counter()
@@ -1071,30 +1078,53 @@ def layout_worker(arguments: str) -> None:
 
 def _time_layout(setting: str, runs: int, threads: int, config: BenchConfig) -> list[list[float]]:
     """Step times (seconds) of ``runs`` worker processes with ``threads`` torch threads each, started
-    together and timed side by side (see :func:`layout_worker`); one list per run."""
+    together and timed side by side (see :func:`layout_worker`); one list per run. A worker that fails,
+    or does not answer within :data:`LAYOUT_TIMEOUT_S`, is a ``RuntimeError``; every worker is gone
+    when this returns or raises."""
+    import select
     import subprocess
 
     arguments = json.dumps({"setting": setting, "threads": threads, "repeats": config.repeats,
                             "warmup": config.warmup, "seed": config.seed, "quick": config.quick})
     command = [sys.executable, "-c", LAYOUT_WORKER, str(Path(__file__).resolve().parent), arguments]
-    workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(runs)]
+    what = f"a thread-layout worker ({runs} x {threads} threads, setting {setting})"
+    workers: list[subprocess.Popen] = []
     try:
+        for _ in range(runs):
+            workers.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + LAYOUT_TIMEOUT_S
         for worker in workers:
-            line = worker.stdout.readline()  # type: ignore[union-attr]
+            ready, _, _ = select.select([worker.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = worker.stdout.readline() if ready else ""  # type: ignore[union-attr]
             if line.strip() != "ready":
-                raise RuntimeError(f"a thread-layout worker ({runs} x {threads} threads) failed before timing; its stderr is above")
+                why = "did not get ready in time" if not ready else "failed before timing (its stderr is above)"
+                raise RuntimeError(f"{what} {why}")
         for worker in workers:
             worker.stdin.write("go\n")  # type: ignore[union-attr]
             worker.stdin.flush()  # type: ignore[union-attr]
-        results = [json.loads(worker.communicate()[0].strip().splitlines()[-1])["times"] for worker in workers]
+        outputs = []
+        for worker in workers:
+            try:
+                output, _ = worker.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{what} did not finish its timed steps in time") from None
+            if worker.returncode != 0 or not output.strip():
+                raise RuntimeError(f"{what} exited with status {worker.returncode} while timing (its stderr is above)")
+            outputs.append(json.loads(output.strip().splitlines()[-1])["times"])
+    except BrokenPipeError:
+        raise RuntimeError(f"{what} exited before timing (its stderr is above)") from None
     finally:
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
-                worker.wait()
-    if any(worker.returncode != 0 for worker in workers):
-        raise RuntimeError(f"a thread-layout worker ({runs} x {threads} threads) exited with an error")
-    return results
+            worker.wait()
+            for stream in (worker.stdin, worker.stdout):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except BrokenPipeError:  # a buffered "go" to a worker that is gone
+                        pass
+    return outputs
 
 
 def data_loading_share(results_dir: Path = Path("results")) -> list[dict[str, Any]]:
@@ -1283,6 +1313,17 @@ def breakdown_ms(events) -> dict[str, float]:
                 else "copies" if event.name in COPY_OPS else "other")
         parts[part] += event.self_cpu_time_total / 1000.0
     return parts
+
+
+def rest_speedup_needed(row: dict[str, Any], target: float) -> float | None:
+    """How many times faster everything but the convolutions would have to run in the engine's profiled
+    step (a ``step_breakdown`` summary row) for engine / plain to reach ``target``, its convolutions as
+    they are; None where the convolutions alone take longer than the target allows. In units of the
+    engine's step: convolutions ``c``, the rest ``1 - c``, the plain step ``R`` (the profiled ratio), and
+    the rest may take ``R / target - c``."""
+    share = row["engine_convolution_share"]
+    allowed = row["profiled_engine_over_plain_images_per_s"] / target - share
+    return None if allowed <= 0 else (1.0 - share) / allowed
 
 
 def step_breakdown_section(config: BenchConfig) -> dict[str, Any]:
@@ -1489,7 +1530,9 @@ def run(args: argparse.Namespace, command_name: str = "bench") -> int:
     print(f"wrote {path}")
     if getattr(args, "readme", None) is not None:
         block = getattr(args, "readme_block", "bench")
-        command = "make bench" if block == "bench" else f"python tools/bench.py --out {Path(args.out).as_posix()} --readme-block {block}"
+        command = "make bench" if block == "bench" else (
+            f"python tools/bench.py --out {Path(args.out).as_posix()} --readme {Path(args.readme).as_posix()} "
+            f"--readme-block {block}" + (f" --threads {config.threads}" if config.threads is not None else ""))
         replace_block(args.readme, block, readme_markdown(result, Path(args.out), command))
         print(f"refreshed the {block} block of {args.readme}")
     return 0
@@ -1511,14 +1554,16 @@ def readme_markdown(result: dict, json_path: Path, command: str = "make bench") 
     ``command`` is the one named as having measured them."""
     machines = [section["machine"] for section in result["sections"].values()]
     threads = machines[0]["torch_threads"]
-    loads = [m.get(key) for m in machines for key in ("load_average_1min_before", "load_average_1min_after")]
+    # the levers section's own side-by-side worker processes raise the load it records after itself
+    loads = [section["machine"].get(key) for name, section in result["sections"].items()
+             for key in ("load_average_1min_before",) + (() if name == "levers" else ("load_average_1min_after",))]
     loads = [load for load in loads if load is not None]
     lines = [f"Measured by `{command}` ({json_path.as_posix()}); device: "
              f"{result['provenance']['device'].get('device')}, torch threads: {threads}."]
     if loads and max(loads) > threads + 0.5:
         lines[0] += (f" The machine was busy during this run (1-minute load average up to {max(loads):.1f} "
                      f"against {threads} thread(s)): ratios are measured side by side in interleaved rounds, "
-                     "but contention moves them; rerun `make bench` on a quiet machine before quoting them.")
+                     f"but contention moves them; rerun `{command}` on a quiet machine before quoting them.")
     measured = {name: section["machine"].get("measured") for name, section in result["sections"].items()}
 
     def where(machine: dict) -> str:
@@ -1581,13 +1626,16 @@ def readme_markdown(result: dict, json_path: Path, command: str = "make bench") 
                   "reach if its convolutions took no time at all.", "",
                   "| setting | engine: convolutions | SGD step | copies and casts | the rest | plain: convolutions | "
                   "convolutions, plain / engine time | all but convolutions, plain / engine time | engine / plain, "
-                  "profiled | at most, convolutions free |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "profiled | at most, convolutions free | all but convolutions: times faster for the target |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in breakdown["summary"]:
+            needed = rest_speedup_needed(row, TARGET_ENGINE_SPEEDUP["cpu"])
             lines.append(f"| {row['setting']} | " + " | ".join(
                 f"{row[f'engine_{part}_share']:.0%}" for part in BREAKDOWN_PARTS)
                 + f" | {row['plain_convolution_share']:.0%} | {row['convolution_plain_over_engine']:.2f} | "
                 f"{row['rest_plain_over_engine']:.2f} | {row['profiled_engine_over_plain_images_per_s']:.2f} | "
-                f"{row['engine_over_plain_bound_without_convolutions']:.2f} |")
+                f"{row['engine_over_plain_bound_without_convolutions']:.2f} | "
+                + ("out of reach: the convolutions alone exceed it" if needed is None else f"{needed:.2f}") + " |")
         lines.append("")
     modes = result["sections"].get("amp_modes")
     if modes:

@@ -269,8 +269,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # [D] Chosen by measurement on the shared 2-core CPU (160 px, 64 FPN channels, batch 2): about 0.19 s
     # per iteration with 1 thread, so 3000 iterations (10 epochs) take about 10 minutes; `make reproduce`
     # runs two such runs side by side. One thread because two threads on a busy 2-core machine were 10x
-    # slower (oversubscribed OpenMP threads spin), and on an idle one two runs side by side with one thread
-    # each give more images per second than one run with both (`make bench`'s `levers` section). Anchors are
+    # slower (oversubscribed OpenMP threads spin), and where nothing else runs, two runs side by side with
+    # one thread each give more images per second than one run with both (`make bench`'s `levers`
+    # section). Anchors are
     # 2x the level stride with 3 scales per octave, because the images are used at their native 160 px:
     # torchvision's anchors scaled by 160/800 ("auto", 0.8x the stride) are smaller than the smallest
     # shapes and gave a 7x lower AP in the same budget. Per image seen, batch 2 beat batch 4 (more
@@ -349,7 +350,8 @@ PRESETS["shapes-quick"] = {
 # frozen BatchNorm and conv1 / layer1 frozen as torchvision does with ImageNet weights; the engine's precision
 # (amp="auto": bfloat16 and channels_last where the CPU computes bfloat16 natively, float32 elsewhere). 2400
 # iterations took about 0.17 s each in bfloat16 on one thread of a shared 2-core CPU with AVX-512 BF16 (about 7
-# minutes a run); on a CPU without it, about 0.31 s in float32 (bfloat16 would be emulated, 9x slower).
+# minutes a run); on a CPU without it, about 0.31 s in float32 (bfloat16 would be emulated, many times slower:
+# the README's bench-avx2 block).
 PRESETS["shapes-study"] = {
     **copy.deepcopy(PRESETS["shapes-cpu"]), "dataset": "shapes-study",
     "detector": {**copy.deepcopy(PRESETS["shapes-cpu"]["detector"]), "pretrained_backbone": "shapes"},

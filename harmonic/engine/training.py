@@ -130,11 +130,13 @@ def fused_sgd_available(device: torch.device | str) -> bool:
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
     """The total 2-norm of the gradients of ``params``; where it exceeds ``max_norm`` (None: never) the
-    gradients are scaled down to it, as ``torch.nn.utils.clip_grad_norm_`` does. The same numbers as that
-    function, which multiplies every gradient by its clamped coefficient (1.0 when no clipping is needed):
-    here the multiplication runs only when the coefficient is below 1, which spares a read and a write
-    of every gradient on most steps (clipping at 10 fired on under 1% of the default study's steps). The
-    norm is read back to the host anyway, for the log and the non-finite check."""
+    gradients are scaled down to it. For a finite norm, the numbers of ``torch.nn.utils.clip_grad_norm_``,
+    which multiplies every gradient by its clamped coefficient (1.0 when no clipping is needed): here
+    the multiplication runs only when that coefficient, computed as torch computes it, is below 1, which
+    spares a read and a write of every gradient on most steps (clipping at 10 fired on under 1% of the
+    default study's steps). A non-finite norm is returned and the gradients are left as they are
+    (``clip_grad_norm_`` would make them NaN or 0); :func:`train_step` then stops, or the gradient scaler
+    skips the step. The norm is read back to the host anyway, for the log and that check."""
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is None:  # torch < 2.6: the combined function
         limit = float("inf") if max_norm is None else max_norm
@@ -144,9 +146,10 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
         return 0.0
     total = get_total_norm(grads)
     norm = float(total)
-    # clip_grad_norm_'s coefficient max_norm / (norm + 1e-6), clamped to 1: scaling by 1.0 changes nothing
-    if max_norm is not None and math.isfinite(norm) and max_norm / (norm + 1e-6) < 1.0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    if max_norm is not None and math.isfinite(norm):
+        coefficient = max_norm / (total + 1e-6)  # clip_grads_with_norm_'s own coefficient, in the norm's dtype
+        if float(coefficient) < 1.0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return norm
 
 

@@ -321,5 +321,46 @@ def test_levers_section_times_compiling_the_thread_layouts_and_reads_the_data_sh
 
 def test_a_thread_layout_worker_that_fails_is_an_error(keep_threads):
     config = bench.BenchConfig.for_run(device="cpu", quick=True)
-    with pytest.raises(RuntimeError, match="thread-layout worker"):
+    with pytest.raises(RuntimeError, match="thread-layout worker .* failed before timing"):
         bench._time_layout("no_such_setting", 1, 1, config)
+
+
+@pytest.mark.parametrize("worker, message", [
+    ("import time; time.sleep(60)", "did not get ready in time"),
+    ("import sys; print('ready', flush=True); sys.stdin.readline(); sys.exit(3)", "exited with status 3 while timing"),
+    ("import sys, time; print('ready', flush=True); sys.stdin.readline(); time.sleep(60)", "did not finish its timed steps"),
+])
+def test_a_thread_layout_worker_that_hangs_or_dies_is_an_error_and_is_stopped(worker, message, monkeypatch):
+    import subprocess
+
+    started = []
+    popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(bench, "LAYOUT_WORKER", worker)
+    monkeypatch.setattr(bench, "LAYOUT_TIMEOUT_S", 3.0)
+    config = bench.BenchConfig.for_run(device="cpu", quick=True)
+    with pytest.raises(RuntimeError, match=message):
+        bench._time_layout("shapes_cpu", 2, 1, config)
+    assert len(started) == 2 and all(worker.poll() is not None for worker in started)  # none left running
+
+
+def test_the_speed_up_the_rest_of_the_step_needs_reaches_the_target_exactly():
+    row = {"setting": "s", "engine_convolution_share": 0.6, "profiled_engine_over_plain_images_per_s": 1.5}
+    needed = bench.rest_speedup_needed(row, 2.0)
+    assert needed == pytest.approx(0.4 / 0.15)
+    faster_step = 0.6 + 0.4 / needed  # the engine's step, in its own units, with the rest that much faster
+    assert 1.5 / faster_step == pytest.approx(2.0)
+    assert bench.rest_speedup_needed({**row, "engine_convolution_share": 0.8}, 2.0) is None  # 0.8 > 1.5 / 2
+    assert bench.rest_speedup_needed({**row, "profiled_engine_over_plain_images_per_s": 2.5}, 2.0) < 1  # already met
+    summary = {**row, "engine_optimizer_share": 0.1, "engine_copies_share": 0.1, "engine_other_share": 0.2,
+               "plain_convolution_share": 0.8, "convolution_plain_over_engine": 2.0, "rest_plain_over_engine": 1.0,
+               "engine_over_plain_bound_without_convolutions": 3.75}
+    text = bench.readme_markdown({"provenance": {"device": {"device": "cpu"}}, "sections": {"step_breakdown": {
+        "summary": [summary, {**summary, "setting": "t", "engine_convolution_share": 0.8}],
+        "machine": {"torch_threads": 1}}}}, bench.Path("bench.json"))
+    assert "| 3.75 | 2.67 |" in text and "| t |" in text and "out of reach" in text
