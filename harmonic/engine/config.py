@@ -271,11 +271,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # runs two such runs side by side. One thread because two threads on a busy 2-core machine were 10x
     # slower (oversubscribed OpenMP threads spin), and where nothing else runs, two runs side by side with
     # one thread each give more images per second than one run with both (`make bench`'s `levers`
-    # section). Anchors are
-    # 2x the level stride with 3 scales per octave, because the images are used at their native 160 px:
-    # torchvision's anchors scaled by 160/800 ("auto", 0.8x the stride) are smaller than the smallest
-    # shapes and gave a 7x lower AP in the same budget. Per image seen, batch 2 beat batch 4 (more
-    # updates); lr 0.05 diverged at batch 4 and lr 0.03 was no better than 0.02.
+    # section). Anchors are 2x the level stride with 3 scales per octave, because the images are used at
+    # their native 160 px: torchvision's anchors scaled by 160/800 ("auto", 0.8x the stride) are smaller
+    # than the smallest shapes and gave a 7x lower AP in the same budget. Per image seen, batch 2 beat
+    # batch 4 (more updates); lr 0.05 diverged at batch 4 and lr 0.03 was no better than 0.02.
     "shapes-cpu": {
         "dataset": "shapes",
         "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "min_size": 160, "max_size": 160,

@@ -38,8 +38,8 @@ ABI = 1
 #: registers where it has them; the last is plain portable C). ``-fno-trapping-math`` (clang's default)
 #: lets the compiler evaluate both sides of the formulas' selects in a vector loop: without it gcc
 #: keeps the portable loop scalar (a branch it threads into the e^x clamp; the README's bench-avx2 block
-#: measures the vectorized loop on such a CPU). It changes no value (IEEE arithmetic in the written order); only floating-point exception flags,
-#: which nothing reads, are no longer kept exact.
+#: measures the vectorized loop on such a CPU). It changes no value (IEEE arithmetic in the written
+#: order); only the floating-point exception flags, which nothing reads, are no longer kept exact.
 FLAG_SETS = (
     ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-trapping-math"),
     ("-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math"),
