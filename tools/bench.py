@@ -7,7 +7,11 @@ and the whole dict is written to the JSON file (atomically, with :func:`harmonic
 Timings are taken side by side in one process: every round runs each method once (in a rotating order),
 after warm-up rounds, and the reported time is the median over rounds (with the quartiles). Medians of
 interleaved rounds are the fairest comparison on a shared machine, but absolute numbers still move with
-the machine's load: compare the ratios within one file, not across files.
+the machine's load: compare the ratios within one file, not across files. On Linux, part of the spread
+between rounds is glibc's allocator returning the large blocks of one method to the system and the next
+method faulting fresh pages in; ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` set high in
+the environment keep those blocks in the process and steady the medians (the committed results were
+measured without them).
 
 Sections:
 
