@@ -1044,16 +1044,6 @@ LAYOUT_WORKER = "import sys; sys.path.insert(0, sys.argv[1]); import bench; benc
 LAYOUT_TIMEOUT_S = 900.0
 
 
-def _cpu_count() -> int:
-    """The CPU cores this process may run on."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def layout_worker(arguments: str) -> None:
     """One run of the thread-layout measurement, in its own process: the engine's step of the setting named
     in ``arguments`` (JSON: setting, threads, repeats, warmup, seed, quick) on the CPU with that many torch
@@ -1135,17 +1125,12 @@ def data_loading_share(results_dir: Path = Path("results")) -> list[dict[str, An
     """The share of an iteration the engine spent waiting for its batch (decoding the images, the
     transforms, collating), read from the logs of the default study's finished baseline runs (their
     ``data_time`` and ``time`` of every iteration): what a cache of decoded images could save at most."""
-    import gzip
+    from harmonic.utils.runlog import read_log
 
     rows = []
     for log in sorted((results_dir / "runs").glob(f"{DATA_SWEEP_RUNS}/log.jsonl.gz")):
-        data, total = [], []
-        with gzip.open(log, "rt", encoding="utf-8") as handle:
-            for line in handle:
-                record = json.loads(line)
-                if "data_time" in record and "time" in record:
-                    data.append(record["data_time"])
-                    total.append(record["time"])
+        records = [record for record in read_log(log) if "data_time" in record and "time" in record]
+        data, total = [r["data_time"] for r in records], [r["time"] for r in records]
         if total:
             rows.append({"run": log.parent.name, "iterations": len(total),
                          "median_data_ms": 1000.0 * statistics.median(data),
@@ -1162,14 +1147,18 @@ def levers_section(config: BenchConfig) -> dict[str, Any]:
       :func:`harmonic.engine.precision.compile_network`) against the same step eager, in interleaved rounds,
       with the time the first compiled steps took (full runs with compiling on; CUDA or CPU);
     * ``thread_layout`` (CPU only): images per second of the whole machine when one run takes one thread,
-      when one run takes every core, and when one run per core takes one thread each, side by side (what
-      ``make sweep`` does with ``jobs``); each run is its own process;
+      when one run takes every core, and when ``make sweep``'s runs share the machine side by side (its
+      ``jobs="auto"`` runs with their share of the cores each, as
+      :func:`harmonic.experiments.notebooks.resolve_jobs` and ``threads_per_job`` give them); each run is
+      its own process;
     * ``data_loading``: the share of an iteration the engine waited for its batch in the default study's
       finished runs (what a decoded-image cache could save at most).
     """
     import gc
+    import os
 
     from harmonic.engine.precision import compile_network
+    from harmonic.experiments.notebooks import resolve_jobs, threads_per_job
 
     device = torch.device(config.device)
     setting = train_step_settings(config)[0]
@@ -1199,8 +1188,8 @@ def levers_section(config: BenchConfig) -> dict[str, Any]:
         notes.append("compile: not timed (--no-compile or --quick)")
     layout_rows: list[dict[str, Any]] = []
     if device.type == "cpu":
-        cores = _cpu_count()
-        layouts = [(1, 1)] + ([(1, cores), (cores, 1)] if cores > 1 else [])
+        cores, jobs = os.cpu_count() or 1, resolve_jobs("auto")
+        layouts = [(1, 1)] + ([(1, cores), (jobs, threads_per_job(jobs))] if jobs > 1 else [])
         for runs, threads in layouts:
             per_run = [_summary_ms(times) for times in _time_layout(name, runs, threads, config)]
             layout_rows.append({"setting": name, "runs": runs, "threads_per_run": threads,
@@ -1217,7 +1206,9 @@ def levers_section(config: BenchConfig) -> dict[str, Any]:
         summary["compile_first_step_s"] = compile_rows[1]["first_step_s"]
     if len(layout_rows) == 3:
         one, wide, side = (row["images_per_s"] for row in layout_rows)
-        summary.update({"cores": layout_rows[1]["threads_per_run"], "one_run_all_threads_over_one_thread": wide / one,
+        summary.update({"cores": layout_rows[1]["threads_per_run"], "sweep_runs": layout_rows[2]["runs"],
+                        "sweep_threads_per_run": layout_rows[2]["threads_per_run"],
+                        "one_run_all_threads_over_one_thread": wide / one,
                         "runs_side_by_side_over_one_run_all_threads": side / wide,
                         "runs_side_by_side_over_one_thread": side / one})
     if data_rows:
@@ -1239,7 +1230,6 @@ def levers_section(config: BenchConfig) -> dict[str, Any]:
     }
 
 
-#: section name -> function(config) -> dict; every list of flat records in the dict is printed as a table
 #: the amp_modes section's modes: name -> (TrainConfig.amp, TrainConfig.channels_last); the names without a
 #: layout are the layout ``channels_last=None`` resolves to (contiguous in float32, channels_last with autocast)
 AMP_MODE_VARIANTS = {"off": ("off", None), "off_channels_last": ("off", True), "bf16": ("bf16", None),
@@ -1392,6 +1382,7 @@ def step_breakdown_section(config: BenchConfig) -> dict[str, Any]:
     }
 
 
+#: section name -> function(config) -> dict; every list of flat records in the dict is printed as a table
 SECTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "dense_loss": dense_loss_section,
     "train_step": train_step_section,
@@ -1568,7 +1559,9 @@ def readme_markdown(result: dict, json_path: Path, command: str = "make bench") 
         lines[0] += (f" The machine was busy during this run (1-minute load average up to {max(loads):.1f} "
                      f"against {threads} thread(s)): ratios are measured side by side in interleaved rounds, "
                      f"but contention moves them; rerun `{command}` on a quiet machine before quoting them.")
-    measured = {name: section["machine"].get("measured") for name, section in result["sections"].items()}
+    order = list(SECTIONS)  # the sections in their own order (a JSON file holds them sorted)
+    measured = {name: result["sections"][name]["machine"].get("measured")
+                for name in sorted(result["sections"], key=lambda n: order.index(n) if n in order else len(order))}
 
     def where(machine: dict) -> str:
         if machine.get("cpu_capability") is None:
@@ -1661,7 +1654,8 @@ def readme_markdown(result: dict, json_path: Path, command: str = "make bench") 
         if "cores" in row:
             parts.append(f"on {row['cores']} cores, one run with {row['cores']} threads gives "
                          f"{row['one_run_all_threads_over_one_thread']:.2f}x the images per second of one run with one thread, "
-                         f"and {row['cores']} runs side by side with one thread each (as `make sweep` runs them) "
+                         f"and {row['sweep_runs']} runs side by side with {row['sweep_threads_per_run']} thread(s) each "
+                         "(as `make sweep` runs them) "
                          f"{row['runs_side_by_side_over_one_thread']:.2f}x, which is "
                          f"{row['runs_side_by_side_over_one_run_all_threads']:.2f}x the one run with every core")
         if "data_share" in row:

@@ -379,7 +379,7 @@ def reproduce(
         params = {**{k: v for k, v in extra.items() if k in declared}, **params}
         if jobs > 1 and stem in PARALLEL_STEMS and "train_overrides" in declared:
             # several runs share the CPU: one thread each is faster than oversubscribed threads
-            threads = max(1, (os.cpu_count() or 1) // jobs)
+            threads = threads_per_job(jobs)
             params["train_overrides"] = {"num_threads": threads, **params.get("train_overrides", {})}
         output = (results_dir if stem in PARALLEL_STEMS else output_dir) / f"{name}.ipynb"
         print(f"[reproduce] ({index}/{len(runs)}) {stem} -> {output}", flush=True)
@@ -423,6 +423,11 @@ def reproduce(
 PARALLEL_STEMS = frozenset({"03_train_eval"})  # the training runs: executed into results_dir/runs/<run>
 
 
+def threads_per_job(jobs: int) -> int:
+    """The torch threads of each of ``jobs`` runs side by side: the machine's cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def resolve_jobs(jobs: int | str) -> int:
     if jobs == "auto":
         import torch
@@ -459,7 +464,7 @@ def run_named_sweep(name: str, results_dir: str | Path = "results", *, jobs: int
         print(f"[reproduce] unknown sweep {name!r}; known: {sorted(SWEEPS)}", file=sys.stderr)
         return 2
     jobs = resolve_jobs(jobs)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    threads = threads_per_job(jobs) if jobs > 1 else None
     status = run_sweep(SWEEPS[name], _parameter_path(results_dir), run_notebook, jobs=jobs, threads=threads)
     failed = failed_runs(status)
     if failed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import bench
 import pytest
@@ -299,15 +300,19 @@ def test_levers_section_times_compiling_the_thread_layouts_and_reads_the_data_sh
     assert summary["compiled_over_eager_images_per_s"] == pytest.approx(eager["median_ms"] / compiled["median_ms"])
     assert compiled["first_step_s"] > 0
 
+    from harmonic.experiments.notebooks import resolve_jobs, threads_per_job
+
     layouts = section["thread_layout"]
-    cores = bench._cpu_count()
-    assert [(row["runs"], row["threads_per_run"]) for row in layouts] == [(1, 1)] + ([(1, cores), (cores, 1)] if cores > 1 else [])
+    cores, jobs = os.cpu_count() or 1, resolve_jobs("auto")  # make sweep's own layout
+    assert [(row["runs"], row["threads_per_run"]) for row in layouts] == [(1, 1)] + (
+        [(1, cores), (jobs, threads_per_job(jobs))] if jobs > 1 else [])
     batch = bench.train_step_settings(config)[0]["batch"]
     assert layouts[0]["images_per_s"] == pytest.approx(batch * 1000.0 / layouts[0]["median_ms_per_run"])
-    if cores > 1:
+    if jobs > 1:
         side = layouts[2]
+        assert (summary["sweep_runs"], summary["sweep_threads_per_run"]) == (jobs, threads_per_job(jobs))
         # each run's images per second, summed: near runs x one run's rate at their median step time
-        assert side["images_per_s"] == pytest.approx(cores * batch * 1000.0 / side["median_ms_per_run"], rel=0.5)
+        assert side["images_per_s"] == pytest.approx(jobs * batch * 1000.0 / side["median_ms_per_run"], rel=0.5)
         assert summary["runs_side_by_side_over_one_thread"] == pytest.approx(side["images_per_s"] / layouts[0]["images_per_s"])
         assert summary["runs_side_by_side_over_one_run_all_threads"] == pytest.approx(
             side["images_per_s"] / layouts[1]["images_per_s"])
